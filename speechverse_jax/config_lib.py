@@ -1,0 +1,74 @@
+"""Builders shared by the config modules in configs/, and ConfigDict -> model config.
+
+The config modules (`configs/*.py`, `get_config(arg)`) stay short: they call these builders and
+override what differs. `model_config` returns the `config.model` section.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import ml_collections
+
+from speechverse_jax.models import presets
+from speechverse_jax.models.layers import LoRAConfig
+from speechverse_jax.models.speechverse import SpeechVerseConfig
+from speechverse_jax.models.t5 import T5Config
+from speechverse_jax.models.wavlm import WavLMConfig
+
+DEFAULT_LORA_TARGETS = r".*/(self_attention|cross_attention)/(q|v)$"
+
+
+def model_config(
+    wavlm: str = "wavlm-large",
+    t5: str = "flan-t5-xl",
+    layer_combination: str = "last",
+    strides=(2, 2),
+    lora_rank: int = 16,
+) -> ml_collections.ConfigDict:
+    """The `config.model` section. `*_preset` only matter when no base checkpoint is given
+    (shape checks, compile-only runs): a converted checkpoint carries its own architecture."""
+    return ml_collections.ConfigDict(
+        dict(
+            wavlm_preset=wavlm,
+            t5_preset=t5,
+            layer_combination=layer_combination,
+            downsampler=dict(strides=tuple(strides), kernel_size=3),
+            # rank 0 = no LoRA in the model (curriculum stage 1).
+            lora=dict(rank=lora_rank, alpha=2.0 * max(lora_rank, 1), dropout=0.05, target_regex=DEFAULT_LORA_TARGETS),
+            dtype="float32",
+            frozen_param_dtype="float32",
+        )
+    )
+
+
+def build_model_config(
+    model: ml_collections.ConfigDict,
+    wavlm_cfg: Optional[WavLMConfig] = None,
+    t5_cfg: Optional[T5Config] = None,
+) -> SpeechVerseConfig:
+    """`config.model` (+ architectures from a converted checkpoint, else presets) -> SpeechVerseConfig."""
+    if wavlm_cfg is None:
+        if model.wavlm_preset not in presets.WAVLM:
+            raise ValueError(f"model.wavlm_preset must be one of {sorted(presets.WAVLM)}, got {model.wavlm_preset!r}")
+        wavlm_cfg = WavLMConfig.from_hf(presets.WAVLM[model.wavlm_preset])
+    if t5_cfg is None:
+        if model.t5_preset not in presets.T5:
+            raise ValueError(f"model.t5_preset must be one of {sorted(presets.T5)}, got {model.t5_preset!r}")
+        t5_cfg = T5Config.from_hf(presets.T5[model.t5_preset])
+    lora = None
+    if model.lora.rank < 0:
+        raise ValueError(f"model.lora.rank must be >= 0, got {model.lora.rank}")
+    if model.lora.rank > 0:
+        lora = LoRAConfig(rank=int(model.lora.rank), alpha=float(model.lora.alpha),
+                          dropout=float(model.lora.dropout), target_regex=str(model.lora.target_regex))
+    return SpeechVerseConfig(
+        wavlm=wavlm_cfg,
+        t5=t5_cfg,
+        layer_combination=model.layer_combination,
+        downsample_strides=tuple(int(s) for s in model.downsampler.strides),
+        downsample_kernel=int(model.downsampler.kernel_size),
+        lora=lora,
+        dtype=model.dtype,
+        frozen_param_dtype=model.frozen_param_dtype,
+    )

@@ -1,0 +1,138 @@
+"""Tiny random Hugging Face backbones, saved the way `save_pretrained` does (needs torch).
+
+Nothing can be downloaded from a model hub here, so tests and the demo build their own models
+with transformers + torch and go through the same conversion path as real weights.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Optional, Sequence
+
+TINY_WAVLM = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    conv_dim=(32, 32, 32),
+    conv_kernel=(10, 3, 3),
+    conv_stride=(5, 2, 2),
+    num_conv_pos_embeddings=16,
+    num_conv_pos_embedding_groups=4,
+    num_buckets=32,
+    max_bucket_distance=64,
+)
+
+TINY_T5 = dict(
+    vocab_size=128,
+    d_model=64,
+    d_kv=16,
+    d_ff=128,
+    num_layers=2,
+    num_decoder_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=32,
+    decoder_start_token_id=0,
+    pad_token_id=0,
+    eos_token_id=1,
+)
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise RuntimeError(
+            "building reference Hugging Face models needs torch: pip install torch==2.13.0"
+        ) from None
+    return torch
+
+
+def save_wavlm(out_dir: str, family: str = "large", seed: int = 0, **overrides) -> str:
+    """A random `WavLMModel`: family 'base' (group norm, post-LN) or 'large' (layer norm, pre-LN)."""
+    torch = _torch()
+    import transformers
+
+    if family not in ("base", "large"):
+        raise ValueError(f"family must be 'base' or 'large', got {family!r}")
+    kw = dict(TINY_WAVLM)
+    kw.update(
+        feat_extract_norm="group" if family == "base" else "layer",
+        do_stable_layer_norm=family == "large",
+        conv_bias=family == "large",
+    )
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    model = transformers.WavLMModel(transformers.WavLMConfig(**kw)).eval()
+    _randomize_norms(model, torch)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def save_t5(
+    out_dir: str,
+    flan: bool = True,
+    seed: int = 0,
+    max_shard_size: Optional[str] = None,
+    spiece_model: Optional[str] = None,
+    **overrides,
+) -> str:
+    """A random `T5ForConditionalGeneration`.
+
+    flan=True: gated-gelu with an untied lm_head (Flan-T5 / T5 v1.1); False: relu with tied
+    embeddings and the d_model**-0.5 output scaling (T5 v1.0). `spiece_model` is copied in with
+    a tokenizer config so the folder also carries a tokenizer.
+    """
+    torch = _torch()
+    import transformers
+
+    kw = dict(TINY_T5)
+    kw.update(feed_forward_proj="gated-gelu" if flan else "relu", tie_word_embeddings=not flan)
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    model = transformers.T5ForConditionalGeneration(transformers.T5Config(**kw)).eval()
+    if flan:
+        # transformers 5 ties lm_head to the embedding even when the config says untied:
+        # give it its own weight, as Flan-T5 checkpoints have.
+        model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight) * 0.05)
+    _randomize_norms(model, torch)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out_dir, **kwargs)
+    if spiece_model:
+        # T5Tokenizer(vocab_file=...) silently builds a 4-token vocabulary; from_pretrained on a
+        # folder holding spiece.model loads the real one.
+        shutil.copy(spiece_model, os.path.join(out_dir, "spiece.model"))
+        tok = transformers.T5Tokenizer.from_pretrained(out_dir, extra_ids=0, legacy=False)
+        tok.save_pretrained(out_dir)
+    return out_dir
+
+
+def _randomize_norms(model, torch) -> None:
+    """Fresh models have unit norm scales: perturb them so the parity tests see them used."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layer_norm" in name or "final_layer_norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+
+
+def train_spiece(texts: Sequence[str], out_dir: str, vocab_size: int = 128) -> str:
+    """A T5-style sentencepiece model (pad 0, eos 1, unk 2, no bos) trained on `texts`."""
+    import sentencepiece as spm
+
+    os.makedirs(out_dir, exist_ok=True)
+    prefix = os.path.join(out_dir, "spiece")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_prefix=prefix,
+        vocab_size=vocab_size,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        model_type="unigram",
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    return prefix + ".model"

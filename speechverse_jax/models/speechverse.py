@@ -1,0 +1,197 @@
+"""SpeechVerse: frozen WavLM -> layer combination -> conv downsampler -> frozen T5 (+ LoRA).
+
+Composition only: the parts live in their own modules. The T5 encoder input is, per example,
+`[valid audio frames, valid instruction tokens, padding]`: both parts are packed to the left so
+an example's outputs do not depend on how much padding its batch carries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from speechverse_jax.models.downsampler import LAYER_COMBINATIONS, Downsampler, LayerCombination
+from speechverse_jax.models.layers import Dtype, LoRAConfig, constrain
+from speechverse_jax.models.t5 import T5, T5Config
+from speechverse_jax.models.wavlm import WavLM, WavLMConfig
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeechVerseConfig:
+    """Everything that decides the shapes of the composed model."""
+
+    wavlm: WavLMConfig
+    t5: T5Config
+    layer_combination: str = "last"
+    downsample_strides: Tuple[int, ...] = (2, 2)
+    downsample_kernel: int = 3
+    lora: Optional[LoRAConfig] = None
+    dtype: str = "float32"  # compute dtype
+    frozen_param_dtype: str = "float32"  # storage of WavLM / T5 weights
+
+    def __post_init__(self):
+        if self.layer_combination not in LAYER_COMBINATIONS:
+            raise ValueError(
+                f"model.layer_combination must be one of {LAYER_COMBINATIONS}, got {self.layer_combination!r}"
+            )
+        if not self.downsample_strides or any(int(s) < 1 for s in self.downsample_strides):
+            raise ValueError(f"model.downsampler.strides must be positive integers, got {self.downsample_strides}")
+        if self.downsample_kernel < 1 or self.downsample_kernel % 2 != 1:
+            raise ValueError(f"model.downsampler.kernel_size must be a positive odd number, got {self.downsample_kernel}")
+        for field in ("dtype", "frozen_param_dtype"):
+            if getattr(self, field) not in DTYPES:
+                raise ValueError(f"model.{field} must be one of {sorted(DTYPES)}, got {getattr(self, field)!r}")
+
+    @property
+    def compute_dtype(self) -> Dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def downsample_factor(self) -> int:
+        factor = 1
+        for s in self.downsample_strides:
+            factor *= int(s)
+        return factor
+
+
+class AudioEmbeddings(NamedTuple):
+    embeddings: jax.Array  # [batch, audio_tokens, d_model]
+    mask: jax.Array  # [batch, audio_tokens] bool
+
+
+def pack_left(
+    first: jax.Array, first_mask: jax.Array, second: jax.Array, second_mask: jax.Array
+) -> Tuple[jax.Array, jax.Array]:
+    """Concatenate two padded sequences per example so valid items come first.
+
+    first `[b, n, d]`, second `[b, m, d]` (masks `[b, n]`, `[b, m]`, valid items at the start)
+    -> `[b, n + m, d]` holding `first[:len1] ++ second[:len2] ++ zeros`, and its mask.
+    """
+    n, m = first.shape[1], second.shape[1]
+    len1 = first_mask.sum(-1, keepdims=True)  # [b, 1]
+    len2 = second_mask.sum(-1, keepdims=True)
+    pos = jnp.arange(n + m)[None, :]  # [1, n+m]
+    from_first = pos < len1
+    from_second = (pos >= len1) & (pos < len1 + len2)
+    idx1 = jnp.clip(pos, 0, n - 1)
+    idx2 = jnp.clip(pos - len1, 0, m - 1)
+    g1 = jnp.take_along_axis(first, jnp.broadcast_to(idx1, from_first.shape)[..., None], axis=1)
+    g2 = jnp.take_along_axis(second, idx2[..., None], axis=1)
+    out = jnp.where(from_first[..., None], g1, jnp.where(from_second[..., None], g2, 0))
+    return out.astype(first.dtype), from_first | from_second
+
+
+class SpeechVerse(nn.Module):
+    """The composed model. Params: `{'wavlm', 'layer_weights', 'downsampler', 't5'}`."""
+
+    cfg: SpeechVerseConfig
+
+    def setup(self):
+        cfg = self.cfg
+        dtype, frozen = cfg.compute_dtype, DTYPES[cfg.frozen_param_dtype]
+        self.wavlm = WavLM(cfg.wavlm, dtype=dtype, param_dtype=frozen)
+        self.layer_weights = LayerCombination(cfg.layer_combination, dtype=dtype)
+        self.downsampler = Downsampler(
+            features=cfg.t5.d_model, strides=tuple(cfg.downsample_strides),
+            kernel_size=cfg.downsample_kernel, dtype=dtype,
+        )
+        self.t5 = T5(cfg.t5, lora=cfg.lora, dtype=dtype, param_dtype=frozen)
+
+    def encode_audio(self, audio: jax.Array, audio_mask: jax.Array) -> Tuple[Tuple[jax.Array, ...], jax.Array]:
+        """Frozen WavLM: audio `[b, samples]` -> (L+1 hidden states `[b, frames, dim]`, frame mask)."""
+        out = self.wavlm(audio, audio_mask)
+        hidden = tuple(jax.lax.stop_gradient(h) for h in out.hidden_states)
+        return hidden, out.frame_mask
+
+    def adapt(self, hidden_states: Tuple[jax.Array, ...], frame_mask: jax.Array) -> AudioEmbeddings:
+        """Layer combination + downsampler: hidden states -> audio tokens `[b, n, d_model]`.
+
+        Takes the encoder's hidden states, so cached encoder outputs can be fed directly.
+        """
+        combined = self.layer_weights(hidden_states)
+        emb, mask = self.downsampler(combined, frame_mask)
+        return AudioEmbeddings(emb, mask)
+
+    def encode(
+        self, audio_tokens: AudioEmbeddings, instruction_ids: jax.Array, instruction_mask: jax.Array,
+        deterministic: bool = True,
+    ) -> Tuple[jax.Array, jax.Array]:
+        """T5 encoder over `[audio tokens, instruction tokens]` -> (`[b, n + m, d_model]`, mask)."""
+        text = self.t5.embed(instruction_ids)
+        inputs, mask = pack_left(audio_tokens.embeddings, audio_tokens.mask, text.astype(audio_tokens.embeddings.dtype), instruction_mask.astype(bool))
+        inputs = constrain(inputs, ("batch", "length", "embed"))
+        hidden = self.t5.encode(inputs, mask, deterministic=deterministic)
+        return hidden, mask
+
+    def __call__(
+        self,
+        audio: jax.Array,
+        audio_mask: jax.Array,
+        instruction_ids: jax.Array,
+        instruction_mask: jax.Array,
+        decoder_input_ids: jax.Array,
+        decoder_mask: Optional[jax.Array] = None,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """Teacher-forced logits `[b, target_len, vocab]` from raw audio `[b, samples]`."""
+        hidden, frame_mask = self.encode_audio(audio, audio_mask)
+        return self.from_hidden_states(
+            hidden, frame_mask, instruction_ids, instruction_mask, decoder_input_ids, decoder_mask, deterministic
+        )
+
+    def from_hidden_states(
+        self,
+        hidden_states: Tuple[jax.Array, ...],
+        frame_mask: jax.Array,
+        instruction_ids: jax.Array,
+        instruction_mask: jax.Array,
+        decoder_input_ids: jax.Array,
+        decoder_mask: Optional[jax.Array] = None,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """Teacher-forced logits from precomputed (e.g. cached) encoder hidden states."""
+        audio_tokens = self.adapt(hidden_states, frame_mask)
+        enc, enc_mask = self.encode(audio_tokens, instruction_ids, instruction_mask, deterministic)
+        return self.t5.decode(decoder_input_ids, enc, enc_mask, decoder_mask=decoder_mask, deterministic=deterministic)
+
+
+def token_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """Cross-entropy over target tokens only.
+
+    logits `[b, t, vocab]`, targets `[b, t]` int, mask `[b, t]` -> (mean loss over unmasked tokens,
+    per-example summed loss `[b]`). Computed in float32.
+    """
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    nll = jnp.where(mask, nll, 0.0)
+    per_example = nll.sum(-1)
+    return per_example.sum() / jnp.maximum(mask.sum(), 1), per_example
+
+
+def init_params(cfg: SpeechVerseConfig, rng: jax.Array, batch: int = 1, samples: int = 16000, text_len: int = 8) -> Any:
+    """Random params (boxed with logical axes) for shape inference and tests."""
+    model = SpeechVerse(cfg)
+    audio = jnp.zeros((batch, samples), jnp.float32)
+    ids = jnp.zeros((batch, text_len), jnp.int32)
+    return model.init(rng, audio, jnp.ones_like(audio, bool), ids, jnp.ones_like(ids, bool), ids)["params"]
+
+
+def init_params_subset(cfg: SpeechVerseConfig, rng: jax.Array, keep) -> dict:
+    """Random init of only the leaves whose '/'-joined path satisfies `keep(path)`.
+
+    Runs `init` under jit and returns the kept leaves only, so XLA drops the work for the rest:
+    initialising the adaptor and LoRA of a 3B model does not materialise its frozen weights.
+    """
+    from flax import traverse_util
+
+    def fn(rng):
+        flat = traverse_util.flatten_dict(nn.unbox(init_params(cfg, rng)), sep="/")
+        return {k: v for k, v in flat.items() if keep(k)}
+
+    return traverse_util.unflatten_dict(jax.jit(fn)(rng), sep="/")
