@@ -21,3 +21,37 @@ try:  # torch is a test-only dependency; keep it from fighting JAX for the 2 cor
     torch.manual_seed(0)
 except ImportError:  # pragma: no cover
     pass
+
+
+import pytest  # noqa: E402
+
+TINY_TEXTS = [
+    "turn on the radio now",
+    "what is the time in paris",
+    "set an alarm for seven",
+    "transcribe the preceding audio",
+    "play some jazz music please",
+] * 8
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory):
+    """Tiny random HF folders: {'wavlm': large-family WavLM, 't5': Flan-style T5 with a tokenizer}."""
+    from speechverse_jax import hf_tiny
+
+    root = tmp_path_factory.mktemp("hf")
+    spm = hf_tiny.train_spiece(TINY_TEXTS, str(root / "tok"), vocab_size=64)
+    return {
+        "wavlm": hf_tiny.save_wavlm(str(root / "wavlm"), family="large"),
+        "t5": hf_tiny.save_t5(str(root / "t5"), flan=True, spiece_model=spm),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_hf, tmp_path_factory):
+    """A converted base checkpoint folder of the tiny backbones (no verification)."""
+    from speechverse_jax.convert.pipeline import convert_checkpoints
+
+    out = str(tmp_path_factory.mktemp("base") / "base")
+    convert_checkpoints(tiny_hf["wavlm"], tiny_hf["t5"], out)
+    return out

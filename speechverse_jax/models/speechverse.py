@@ -104,10 +104,15 @@ class SpeechVerse(nn.Module):
         self.t5 = T5(cfg.t5, lora=cfg.lora, dtype=dtype, param_dtype=frozen)
 
     def encode_audio(self, audio: jax.Array, audio_mask: jax.Array) -> Tuple[Tuple[jax.Array, ...], jax.Array]:
-        """Frozen WavLM: audio `[b, samples]` -> (L+1 hidden states `[b, frames, dim]`, frame mask)."""
+        """Frozen WavLM: audio `[b, samples]` -> (L+1 hidden states `[b, frames, dim]`, frame mask).
+
+        The last entry is WavLM's final output (`last_hidden_state`, after the encoder's final
+        LayerNorm in the large family), i.e. "the last layer" of the paper; transformers 5 itself
+        lists the un-normalised state there in `hidden_states`.
+        """
         out = self.wavlm(audio, audio_mask)
-        hidden = tuple(jax.lax.stop_gradient(h) for h in out.hidden_states)
-        return hidden, out.frame_mask
+        hidden = out.hidden_states[:-1] + (out.last_hidden_state,)
+        return tuple(jax.lax.stop_gradient(h) for h in hidden), out.frame_mask
 
     def adapt(self, hidden_states: Tuple[jax.Array, ...], frame_mask: jax.Array) -> AudioEmbeddings:
         """Layer combination + downsampler: hidden states -> audio tokens `[b, n, d_model]`.
@@ -182,11 +187,12 @@ def init_params(cfg: SpeechVerseConfig, rng: jax.Array, batch: int = 1, samples:
     return model.init(rng, audio, jnp.ones_like(audio, bool), ids, jnp.ones_like(ids, bool), ids)["params"]
 
 
-def init_params_subset(cfg: SpeechVerseConfig, rng: jax.Array, keep) -> dict:
+def init_params_subset(cfg: SpeechVerseConfig, rng: jax.Array, keep, out_shardings=None) -> dict:
     """Random init of only the leaves whose '/'-joined path satisfies `keep(path)`.
 
     Runs `init` under jit and returns the kept leaves only, so XLA drops the work for the rest:
     initialising the adaptor and LoRA of a 3B model does not materialise its frozen weights.
+    `out_shardings` (a flat dict path -> sharding) creates the leaves directly where they belong.
     """
     from flax import traverse_util
 
@@ -194,4 +200,4 @@ def init_params_subset(cfg: SpeechVerseConfig, rng: jax.Array, keep) -> dict:
         flat = traverse_util.flatten_dict(nn.unbox(init_params(cfg, rng)), sep="/")
         return {k: v for k, v in flat.items() if keep(k)}
 
-    return traverse_util.unflatten_dict(jax.jit(fn)(rng), sep="/")
+    return traverse_util.unflatten_dict(jax.jit(fn, out_shardings=out_shardings)(rng), sep="/")
