@@ -1,0 +1,145 @@
+"""Training: only trainables move, skipped non-finite steps, exact resume, stage transitions."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from speechverse_jax import checkpoints as base_ckpt
+from speechverse_jax import config_lib
+from speechverse_jax.data.synthetic import SyntheticData
+from speechverse_jax.models.speechverse import SpeechVerse
+from speechverse_jax.train import optimizer as opt_lib
+from speechverse_jax.train.loop import NonFiniteError, build_setup, train
+
+
+def tiny_config(base, stage=2, steps=3, **train_overrides):
+    config = config_lib.train_config(max_steps=steps, batch_size=4, lr=1e-2, warmup_steps=1,
+                                     rules=config_lib.RULES_STAGE2 if stage == 2 else config_lib.RULES_STAGE1)
+    config.base_checkpoint = base
+    config.model = config_lib.model_config(layer_combination="weighted", lora_rank=4 if stage == 2 else 0)
+    config.model.lora.dropout = 0.0
+    config.train.log_every = 1
+    config.train.eval_every = 1000
+    config.train.checkpoint_every = 1000
+    config.train.tensorboard = False
+    config.train.update(train_overrides)
+    return config
+
+
+def tiny_data(**kw):
+    return SyntheticData(batch_size=4, samples=4000, instruction_len=6, target_len=5, vocab_size=40,
+                         task_names=["asr", "ic"], **kw)
+
+
+def _flat(tree):
+    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
+
+
+def test_only_trainable_params_change_and_moments_cover_them_only(tiny_base, tmp_path):
+    config = tiny_config(tiny_base, steps=3)
+    out = train(config, str(tmp_path / "run"), tiny_data(), progress=False)
+    state, setup = out["state"], out["setup"]
+    base = _flat(base_ckpt.load_base_params(tiny_base))
+    frozen = _flat(setup.frozen)
+    assert set(frozen) == set("/".join(k.split("/")) for k in frozen)
+    assert frozen.keys() == {k for k in base}  # every frozen leaf is a base leaf
+    for k, v in frozen.items():
+        np.testing.assert_array_equal(v, base[k], err_msg=k)  # bit-identical
+    init = _flat(build_setup(config, log_fn=lambda *a: None).trainable)
+    trained = _flat(state.params)
+    assert trained.keys() == init.keys()
+    assert any("/lora_a" in k for k in trained) and any(k.startswith("downsampler/") for k in trained)
+    for k in trained:
+        assert not np.array_equal(trained[k], init[k]), f"{k} did not change"
+    n_train = opt_lib.count(state.params)
+    moments = sum(np.size(x) for x in jax.tree_util.tree_leaves(state.opt_state) if np.ndim(x) > 0)
+    assert moments == 2 * n_train  # Adam mu and nu of the trainable leaves, nothing else
+    assert int(state.skipped_steps) == 0
+
+
+def test_every_param_must_match_a_rule(tiny_base):
+    config = tiny_config(tiny_base)
+    config.train.param_rules = [[r"^downsampler/", "train"], [r"^wavlm/", "freeze"]]
+    with pytest.raises(ValueError, match=r"(?s)match none of these .*t5/"):
+        build_setup(config, log_fn=lambda *a: None)
+
+
+class PoisonedData(SyntheticData):
+    """Batch number `bad` (0-based) has a NaN in its audio."""
+
+    def __init__(self, bad, **kw):
+        super().__init__(**kw)
+        self.bad = bad
+
+    def train_iterator(self):
+        inner, bad = super().train_iterator(), self.bad
+
+        class It:
+            def __next__(self_):
+                i = inner.index
+                b = next(inner)
+                if i in bad:
+                    b["audio"][0, 10] = np.nan
+                return b
+
+            get_state, set_state = inner.get_state, inner.set_state
+
+        return It()
+
+
+def test_non_finite_step_is_skipped_and_counted(tiny_base, tmp_path):
+    config = tiny_config(tiny_base, steps=3)
+    data = PoisonedData(bad={1}, batch_size=4, samples=4000, instruction_len=6, target_len=5, vocab_size=40,
+                        task_names=["asr", "ic"])
+    out = train(config, str(tmp_path / "run"), data, progress=False)
+    assert int(out["state"].skipped_steps) == 1
+    rows = [r for r in map(eval_json, open(tmp_path / "run" / "metrics.jsonl")) if r["kind"] == "train"]
+    assert [r["skipped_steps"] for r in rows] == [0, 1, 1]
+    assert all(np.isfinite(v) for k, v in _flat(out["state"].params).items() for v in [v.sum()])
+
+    config = tiny_config(tiny_base, steps=5, max_consecutive_skips=1)
+    data = PoisonedData(bad={0, 1, 2}, batch_size=4, samples=4000, instruction_len=6, target_len=5, vocab_size=40)
+    with pytest.raises(NonFiniteError, match="in a row"):
+        train(config, str(tmp_path / "run2"), data, progress=False)
+
+
+def eval_json(line):
+    import json
+
+    return json.loads(line)
+
+
+def test_resume_is_bitwise_identical(tiny_base, tmp_path):
+    straight = train(tiny_config(tiny_base, steps=4), str(tmp_path / "a"), tiny_data(), progress=False)
+    first = tiny_config(tiny_base, steps=2, checkpoint_every=2)
+    train(first, str(tmp_path / "b"), tiny_data(), progress=False)
+    resumed = train(tiny_config(tiny_base, steps=4), str(tmp_path / "b"), tiny_data(), progress=False)
+    assert int(resumed["state"].step) == 4
+    a, b = _flat(straight["state"].params), _flat(resumed["state"].params)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    oa, ob = jax.tree_util.tree_leaves(straight["state"].opt_state), jax.tree_util.tree_leaves(resumed["state"].opt_state)
+    for x, y in zip(oa, ob):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_stage1_checkpoint_grafts_into_stage2_with_identical_outputs(tiny_base, tmp_path):
+    s1 = tiny_config(tiny_base, stage=1, steps=2)
+    s1.train.eval_every = 2
+    train(s1, str(tmp_path / "stage1"), tiny_data(), progress=False)
+    s2 = tiny_config(tiny_base, stage=2, steps=1, init_from=str(tmp_path / "stage1"))
+    setup2 = build_setup(s2, log_fn=lambda *a: None)
+    setup1 = build_setup(tiny_config(tiny_base, stage=1, init_from=str(tmp_path / "stage1")), log_fn=lambda *a: None)
+    lora = {k for k in _flat(setup2.trainable) if "/lora_" in k}
+    assert lora and all(not _flat(setup2.trainable)[k].any() for k in lora if k.endswith("lora_b"))
+    batch = tiny_data().eval_batches()[0]
+    from speechverse_jax.train.step import _forward
+
+    def logits(setup):
+        params = opt_lib.merge(setup.trainable, setup.frozen)
+        return np.asarray(_forward(setup.model, params, {k: jax.numpy.asarray(v) for k, v in batch.items()}, True))
+
+    np.testing.assert_array_equal(logits(setup1), logits(setup2))
