@@ -1,0 +1,749 @@
+"""Grain input pipeline: manifests -> fixed-size, bucketed, padded numpy batches.
+
+    data = ManifestData(config.data)            # config.data = default_data_config() + overrides
+    it = data.train_iterator()                   # next(it) -> batch; it.get_state() / set_state()
+    for batch in data.eval_batches(): ...
+    data.stats()                                 # {'skipped/<reason>': n, 'filtered/<reason>': n}
+
+How a batch is made (all of it a pure function of the config, the manifests and the batch index):
+ 1. Manifests are read once into `Example`s grouped by task (one source per task). Bad lines are
+    counted (`errors.DataStats`), audio over `max_audio_seconds` is dropped and counted (or cut
+    into windows for `chunk_tasks` when `long_audio='chunk'`), targets over `max_target_tokens`
+    are dropped and counted, tasks outside `mix_weights` are counted as `task_not_in_mix`.
+ 2. Epoch `e` is `epoch_examples` stream positions (default: all examples once). Each task gets
+    a share equal to its normalised `mix_weights` (largest-remainder rounding; no weights =
+    proportional to size). A task's examples are walked in a seeded permutation that is redrawn
+    each time the task wraps around; the tasks' slots are interleaved in a seeded order.
+ 3. Bucketing: consecutive windows of `bucket_window` global batches are sorted by duration and
+    cut into batches of `batch_size`; the full batches of the epoch are shuffled (seeded). At most
+    one batch per epoch is partial: it comes last and is padded with masked-out rows
+    (`example_mask=False`), so every step has the same batch size.
+ 4. The global batch is planned identically on every process: audio is padded to the smallest
+    `audio_buckets_seconds` entry that holds its longest clip, instruction and target ids to the
+    smallest `instruction_buckets` / `target_buckets` entry that holds their longest row. Process
+    `p` of `n` then loads rows `[p*B/n, (p+1)*B/n)`; shapes agree across processes, and there are
+    at most len(audio) x len(instruction) x len(target) bucket shapes.
+ 5. Per-row decisions (prompt index, joint decoding, label descriptions) come from a seeded draw
+    per stream position, so the same batch index always gives the same batch. The iterator state
+    is the next batch index plus the counters: `set_state` restarts exactly there.
+ 6. Audio that fails at load time (missing, unreadable, empty, NaN/inf, longer than its manifest
+    duration says) turns its row into a masked-out row and is counted; `strict=True` raises
+    `DataError` naming the manifest file and line instead.
+
+Batch (numpy; what the train step consumes; B = batch_size / process count):
+    audio [B, S] float32, audio_mask [B, S] bool, instruction_ids [B, I] int32,
+    instruction_mask [B, I] bool, target_ids [B, T] int32 (each row ends with EOS),
+    target_mask [B, T] bool, task_id [B] int32 (index into tasks.TASK_NAMES),
+    example_mask [B] bool, and `meta` (a dict the train step ignores: epoch, batch, ids, tasks,
+    instructions, choices, joint, skipped).
+
+Config section (`default_data_config()`; sizes in seconds, tokens or examples):
+    train_manifests / eval_manifests   list of paths (or one comma-separated string)
+    tokenizer            folder with spiece.model / tokenizer.json (T5 tokenizer)
+    batch_size           global batch size (all processes together)
+    seed, shuffle        order; shuffle=False walks the tasks in name order, each in manifest order
+    mix_weights          {task: weight} (or 'asr=0.5,ic=0.2'): each task's share of the stream
+                         ({} = by data size; tasks left out are counted as task_not_in_mix)
+    epoch_examples       stream positions per epoch (0 = number of usable examples)
+    num_epochs           0 = endless
+    sample_rate          16000
+    audio_buckets_seconds, instruction_buckets, target_buckets   the padded lengths
+    max_audio_seconds    longer audio is dropped (or chunked); must fit the largest audio bucket
+    max_target_tokens    longer targets are dropped (paper: 600); must fit the largest target bucket
+    long_audio, chunk_tasks   'drop' | 'chunk' (windows of <= max_audio_seconds, for chunk_tasks)
+    bucket_window        batches per duration-sorted window (1 = no sorting)
+    prompt_split, eval_prompt_split   'seen' | 'unseen'
+    with_labels          list label sets in classification / slot prompts
+    descriptions_share   share of those prompts that also describe each label
+    label_overrides      {task: [labels] or {label: description}}
+    joint_tasks, joint_share   share of examples of joint_tasks (with a `transcript` field)
+                         turned into joint-decoding examples (ASR first, then the task)
+    strict, max_logged_errors   bad input raises / how many offenders are logged
+    probe_durations, check_files   read missing durations from file headers / stat local files
+    worker_count, worker_buffer   grain worker processes (0 = in process) and their buffers
+    read_threads, prefetch        threads loading batches, and batches read ahead
+    shard_index, shard_count      -1 = jax.process_index() / jax.process_count()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import ml_collections
+import numpy as np
+
+from speechverse_jax.data import tasks as tasks_lib
+from speechverse_jax.data.audio import AudioError, load_audio
+from speechverse_jax.data.errors import DataStats
+from speechverse_jax.data.manifest import Example, read_manifests, split_paths
+
+log = logging.getLogger(__name__)
+
+_SLACK = 16  # samples of resampling slack between a manifest duration and the decoded length
+_PAD_AUDIO_SECONDS = 0.5  # valid (silent) audio in masked-out rows, so no row is fully masked
+_ENDLESS = 2**40
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """The `config.data` section (see the module docstring for each field)."""
+    return ml_collections.ConfigDict(dict(
+        train_manifests=[],
+        eval_manifests=[],
+        tokenizer="",
+        batch_size=32,
+        seed=0,
+        shuffle=True,
+        mix_weights={},
+        epoch_examples=0,
+        num_epochs=0,
+        sample_rate=16000,
+        audio_buckets_seconds=(2.0, 4.0, 8.0, 15.0, 30.0),
+        instruction_buckets=(64, 256, 512),
+        target_buckets=(32, 128, 600),
+        max_audio_seconds=30.0,
+        max_target_tokens=600,
+        long_audio="drop",
+        chunk_tasks=("sns", "ac"),
+        bucket_window=16,
+        prompt_split="seen",
+        eval_prompt_split="seen",
+        with_labels=True,
+        descriptions_share=0.0,
+        label_overrides={},
+        joint_tasks=tasks_lib.JOINT_TASKS_DEFAULT,
+        joint_share=0.0,
+        strict=False,
+        max_logged_errors=10,
+        probe_durations=True,
+        check_files=True,
+        worker_count=0,
+        worker_buffer=2,
+        read_threads=2,
+        prefetch=4,
+        shard_index=-1,
+        shard_count=-1,
+    ))
+
+
+def _cfg_get(cfg, key, default=None):
+    try:
+        value = cfg[key]
+    except (KeyError, AttributeError):
+        return default
+    return default if value is None else value
+
+
+def mix_weights(cfg) -> Dict[str, float]:
+    """`mix_weights` as {task: weight}; also accepts the string form 'asr=0.5,ic=0.2' (CLI)."""
+    raw = _cfg_get(cfg, "mix_weights", {}) or {}
+    if isinstance(raw, str):
+        pairs = [p.split("=", 1) if "=" in p else p.split(":", 1) for p in raw.split(",") if p.strip()]
+        raw = {k: v for k, v in pairs}
+    return {str(k).strip().lower(): float(v) for k, v in _plain(raw).items()}
+
+
+def _plain(value):
+    """ConfigDict / FrozenConfigDict values -> plain dicts and tuples."""
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------------
+
+class TextEncoder:
+    """T5 tokenizer from a folder, loaded lazily (so it travels to worker processes as a path).
+
+    `encode(texts)` -> list of id lists, each ending with EOS.
+    """
+
+    def __init__(self, folder: str = "", tokenizer: Any = None):
+        if not folder and tokenizer is None:
+            raise ValueError("data.tokenizer: give a folder holding spiece.model / tokenizer.json")
+        self.folder, self._tok = folder, tokenizer
+
+    @property
+    def tokenizer(self):
+        if self._tok is None:
+            from speechverse_jax.api import load_tokenizer
+
+            self._tok = load_tokenizer(self.folder)
+        return self._tok
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.tokenizer.eos_token_id)
+
+    def encode(self, texts: Sequence[str]) -> List[List[int]]:
+        if not texts:
+            return []
+        ids = self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+        eos = self.eos_id
+        return [list(x) if x and x[-1] == eos else list(x) + [eos] for x in ids]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        if self.folder:
+            state["_tok"] = None
+        return state
+
+
+# --------------------------------------------------------------------------------------------
+# Sources: examples grouped by task, after filters
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Source:
+    """The usable examples of one task; `samples[i]` is the planned audio length of example i."""
+
+    task: str
+    examples: List[Example]
+    samples: np.ndarray  # int64 [n]
+    has_transcript: np.ndarray  # bool [n]
+
+
+def chunk_example(ex: Example, max_seconds: float) -> List[Example]:
+    """Cut a clip into ceil(duration / max_seconds) equal windows (segments) that all fit."""
+    n = int(math.ceil(ex.duration / max_seconds - 1e-9))
+    length = ex.duration / n
+    return [dataclasses.replace(ex, offset=ex.offset + i * length, duration=length, segment=True,
+                                id=f"{ex.id}#{i}", fields=dict(ex.fields)) for i in range(n)]
+
+
+def build_sources(examples: Sequence[Example], cfg, encoder: Optional[TextEncoder], stats: DataStats,
+                  use_weights: bool = True) -> Dict[str, Source]:
+    """Group by task and apply the config's filters (each exclusion counted in `stats`)."""
+    sr = int(cfg.sample_rate)
+    max_s = float(cfg.max_audio_seconds)
+    weights = mix_weights(cfg) if use_weights else {}
+    chunk_tasks = set(_cfg_get(cfg, "chunk_tasks", ())) if cfg.long_audio == "chunk" else set()
+    if cfg.long_audio not in ("drop", "chunk"):
+        raise ValueError(f"data.long_audio must be 'drop' or 'chunk', got {cfg.long_audio!r}")
+    kept: List[Example] = []
+    for ex in examples:
+        if weights and weights.get(ex.task, 0.0) <= 0:
+            stats.record("task_not_in_mix", ex.where, ex.task)
+            continue
+        if ex.duration > max_s + 1e-9:
+            if ex.task in chunk_tasks:
+                windows = chunk_example(ex, max_s)
+                stats.record("chunked_windows", ex.where, n=len(windows))
+                kept.extend(windows)
+                continue
+            stats.record("audio_too_long", ex.where, f"{ex.duration:.2f}s > {max_s}s")
+            continue
+        kept.append(ex)
+    # Targets: a T5 piece covers >= 1 character, so only long strings need tokenising.
+    max_t = int(cfg.max_target_tokens)
+    long_ix = [i for i, ex in enumerate(kept) if len(ex.target) + 2 > max_t]
+    drop = set()
+    if long_ix:
+        if encoder is None:
+            raise ValueError("a tokenizer is needed to apply max_target_tokens")
+        lengths = [len(x) for x in encoder.encode([kept[i].target for i in long_ix])]
+        for i, n in zip(long_ix, lengths):
+            if n > max_t:
+                drop.add(i)
+                stats.record("target_too_long", kept[i].where, f"{n} tokens > {max_t}")
+    by_task: Dict[str, List[Example]] = {}
+    for i, ex in enumerate(kept):
+        if i not in drop:
+            by_task.setdefault(ex.task, []).append(ex)
+    out = {}
+    for task in sorted(by_task):
+        exs = by_task[task]
+        samples = np.array([int(math.ceil(ex.duration * sr)) + _SLACK for ex in exs], np.int64)
+        has_tr = np.array([bool(ex.fields.get("transcript")) for ex in exs], bool)
+        out[task] = Source(task, exs, samples, has_tr)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Epoch plan (pure numpy; identical on every process)
+# --------------------------------------------------------------------------------------------
+
+def mixture_counts(sizes: Sequence[int], weights: Optional[Sequence[float]], total: int) -> np.ndarray:
+    """Examples per source in an epoch of `total`: proportional to `weights` (default: sizes),
+    rounded by largest remainder so they sum to `total`."""
+    sizes = np.asarray(sizes, np.float64)
+    w = sizes if weights is None else np.asarray(weights, np.float64)
+    if (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"mixing weights must be >= 0 with a positive sum, got {list(w)}")
+    exact = w / w.sum() * total
+    counts = np.floor(exact).astype(np.int64)
+    rest = int(total - counts.sum())
+    if rest:
+        order = np.argsort(-(exact - counts), kind="stable")
+        counts[order[:rest]] += 1
+    return counts
+
+
+@dataclasses.dataclass
+class EpochPlan:
+    """Stream positions of one epoch and how they are batched.
+
+    source/index [E]: which example sits at each position; choice/joint_u/desc_u [E]: the
+    per-position draws; batches: position arrays, all of length batch_size except maybe the last.
+    """
+
+    source: np.ndarray
+    index: np.ndarray
+    choice: np.ndarray
+    joint_u: np.ndarray
+    desc_u: np.ndarray
+    batches: List[np.ndarray]
+
+
+def _source_positions(n: int, start: int, count: int, seed: int, source: int, shuffle: bool) -> np.ndarray:
+    """Elements [start, start+count) of a source's endless walk: a new permutation per pass."""
+    k = np.arange(start, start + count, dtype=np.int64)
+    if not shuffle:
+        return k % n
+    out = np.empty(count, np.int64)
+    cycles = k // n
+    for c in np.unique(cycles):
+        perm = np.random.default_rng([seed, 1, source, int(c)]).permutation(n)
+        sel = cycles == c
+        out[sel] = perm[k[sel] % n]
+    return out
+
+
+def plan_epoch(samples: Sequence[np.ndarray], weights: Optional[Sequence[float]], epoch: int, seed: int,
+               batch_size: int, window: int, shuffle: bool, total: int,
+               keys: Optional[Sequence[int]] = None) -> EpochPlan:
+    """The epoch's stream (mixed sources) and its bucketed batches; see the module docstring.
+
+    samples: per source, the planned audio length of each example; keys: a stable id per source
+    (the task id) so a source's order does not change when other sources are added.
+    """
+    sizes = [len(s) for s in samples]
+    keys = list(range(len(sizes))) if keys is None else list(keys)
+    counts = mixture_counts(sizes, weights, total)
+    src = np.repeat(np.arange(len(sizes), dtype=np.int32), counts)
+    idx = np.concatenate([_source_positions(n, epoch * c, c, seed, keys[s], shuffle)
+                          for s, (n, c) in enumerate(zip(sizes, counts))]) if total else np.zeros(0, np.int64)
+    if shuffle:
+        order = np.random.default_rng([seed, 2, epoch]).permutation(total)
+        src, idx = src[order], idx[order]
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    lengths = np.concatenate([np.asarray(s, np.int64) for s in samples])[offsets[src] + idx] if total \
+        else np.zeros(0, np.int64)
+    batches: List[np.ndarray] = []
+    span = max(int(window), 1) * batch_size
+    for start in range(0, total, span):
+        pos = np.arange(start, min(start + span, total))
+        if window > 1:
+            pos = pos[np.argsort(-lengths[pos], kind="stable")]
+        batches.extend(pos[i:i + batch_size] for i in range(0, len(pos), batch_size))
+    full = [b for b in batches if len(b) == batch_size]
+    partial = [b for b in batches if len(b) < batch_size]
+    if shuffle and full:
+        full = [full[i] for i in np.random.default_rng([seed, 3, epoch]).permutation(len(full))]
+    rng = np.random.default_rng([seed, 4, epoch])
+    return EpochPlan(src, idx, rng.integers(0, 2**31 - 1, total), rng.random(total), rng.random(total),
+                     full + partial)
+
+
+def bucket(n: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= n (ValueError if none)."""
+    for b in sorted(buckets):
+        if n <= b:
+            return int(b)
+    raise ValueError(f"length {n} is larger than every bucket {sorted(buckets)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Batch loading (runs in grain threads / worker processes)
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Row:
+    example: Example
+    task_id: int
+    instruction: str
+    target: str
+    choice: int
+    joint: bool
+    descriptions: bool
+
+
+class BatchLoader:
+    """`loader(global_batch_index) -> batch dict` for this process's rows. Picklable."""
+
+    def __init__(self, sources: Dict[str, Source], cfg, encoder: TextEncoder, *, shuffle: bool,
+                 weights: Optional[List[float]], total: int, shard_index: int, shard_count: int,
+                 prompt_split: str, joint_share: float):
+        self.tasks = list(sources)
+        self.sources = [sources[t] for t in self.tasks]
+        self.encoder = encoder
+        self.shuffle, self.weights, self.total = shuffle, weights, total
+        self.shard_index, self.shard_count = shard_index, shard_count
+        self.batch_size = int(cfg.batch_size)
+        self.rows_per_host = self.batch_size // shard_count
+        self.seed, self.window = int(cfg.seed), int(cfg.bucket_window)
+        self.sr = int(cfg.sample_rate)
+        self.audio_buckets = sorted(int(round(s * self.sr)) for s in cfg.audio_buckets_seconds)
+        self.instruction_buckets = sorted(int(x) for x in cfg.instruction_buckets)
+        self.target_buckets = sorted(int(x) for x in cfg.target_buckets)
+        self.max_target = int(cfg.max_target_tokens)
+        self.prompt_split = prompt_split
+        self.with_labels = None if cfg.with_labels else False
+        self.descriptions_share = float(cfg.descriptions_share)
+        self.label_overrides = _plain(cfg.label_overrides) or {}
+        self.joint_tasks = set(_cfg_get(cfg, "joint_tasks", ()))
+        self.joint_share = float(joint_share)
+        self.batches_per_epoch = max(int(math.ceil(total / self.batch_size)), 1)
+        self._plans: Dict[int, EpochPlan] = {}
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_plans"], state["_lock"] = {}, None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def plan(self, epoch: int) -> EpochPlan:
+        """The epoch's plan, cached (the last few epochs) per process; safe across reader threads."""
+        with self._lock:
+            plan = self._plans.get(epoch)
+            if plan is None:
+                plan = plan_epoch([s.samples for s in self.sources], self.weights, epoch, self.seed,
+                                  self.batch_size, self.window, self.shuffle, self.total,
+                                  keys=[tasks_lib.task_id(t) for t in self.tasks])
+                self._plans[epoch] = plan
+                while len(self._plans) > 3:
+                    self._plans.pop(min(self._plans))
+        return plan
+
+    def _row(self, plan: EpochPlan, p: int) -> _Row:
+        s, i = int(plan.source[p]), int(plan.index[p])
+        src = self.sources[s]
+        ex = src.examples[i]
+        choice = int(plan.choice[p])
+        joint = bool(src.has_transcript[i] and ex.task in self.joint_tasks and plan.joint_u[p] < self.joint_share)
+        desc = bool(plan.desc_u[p] < self.descriptions_share)
+        instruction = tasks_lib.build_instruction(
+            ex.task, ex, choice, split=self.prompt_split, with_labels=self.with_labels,
+            with_descriptions=desc, joint=joint, label_overrides=self.label_overrides)
+        target = tasks_lib.format_joint_target(ex.task, ex.fields["transcript"], ex.target) if joint else ex.target
+        return _Row(ex, tasks_lib.task_id(ex.task), instruction, target, choice, joint, desc)
+
+    def __call__(self, global_batch: int) -> Dict[str, Any]:
+        epoch, j = divmod(int(global_batch), self.batches_per_epoch)
+        plan = self.plan(epoch)
+        positions = plan.batches[j] if j < len(plan.batches) else np.zeros(0, np.int64)
+        rows: List[Optional[_Row]] = [self._row(plan, int(p)) for p in positions]
+        rows += [None] * (self.batch_size - len(rows))
+        # Shapes from the whole global batch, so every process pads to the same buckets.
+        texts = [t for r in rows if r is not None for t in (r.instruction, r.target)]
+        ids = iter(self.encoder.encode(texts))
+        tokens = [(next(ids), next(ids)) if r is not None else None for r in rows]
+        max_ins, max_tgt = self.instruction_buckets[-1], min(self.max_target, self.target_buckets[-1])
+        fits = [t is not None and len(t[0]) <= max_ins and len(t[1]) <= max_tgt for t in tokens]
+        live = [k for k, ok in enumerate(fits) if ok]
+        src_samples = [self.sources[int(plan.source[p])].samples[int(plan.index[p])] for p in positions]
+        # (the resampling slack never pushes a clip that fits max_audio_seconds past the last bucket)
+        n_audio = bucket(min(max([src_samples[k] for k in live], default=1), self.audio_buckets[-1]),
+                         self.audio_buckets)
+        n_ins = bucket(max([len(tokens[k][0]) for k in live], default=1), self.instruction_buckets)
+        n_tgt = bucket(max([len(tokens[k][1]) for k in live], default=1), self.target_buckets)
+
+        b = self.rows_per_host
+        lo = self.shard_index * b
+        eos = self.encoder.eos_id
+        pad_audio = min(n_audio, int(_PAD_AUDIO_SECONDS * self.sr))
+        out = {
+            "audio": np.zeros((b, n_audio), np.float32), "audio_mask": np.zeros((b, n_audio), bool),
+            "instruction_ids": np.zeros((b, n_ins), np.int32), "instruction_mask": np.zeros((b, n_ins), bool),
+            "target_ids": np.zeros((b, n_tgt), np.int32), "target_mask": np.zeros((b, n_tgt), bool),
+            "task_id": np.zeros((b,), np.int32), "example_mask": np.zeros((b,), bool),
+        }
+        meta = {"epoch": epoch, "batch": j, "global_batch": int(global_batch), "ids": [], "tasks": [],
+                "instructions": [], "targets": [], "choices": [], "joint": [], "descriptions": [], "skipped": [],
+                "shape": (n_audio, n_ins, n_tgt)}
+        for r in range(b):
+            k = lo + r
+            row, ok = rows[k], fits[k]
+            audio = None
+            if row is not None and not ok:
+                got_ins, got_tgt = len(tokens[k][0]), len(tokens[k][1])
+                reason = "instruction_too_long" if got_ins > max_ins else "target_too_long"
+                meta["skipped"].append((reason, row.example.where,
+                                        f"{got_ins} instruction / {got_tgt} target tokens"))
+            elif row is not None:
+                audio = self._load(row.example, n_audio, meta["skipped"])
+            meta["ids"].append(row.example.id if row is not None else None)
+            meta["tasks"].append(row.example.task if row is not None else None)
+            meta["instructions"].append(row.instruction if row is not None else None)
+            meta["targets"].append(row.target if row is not None else None)
+            meta["choices"].append(row.choice if row is not None else None)
+            meta["joint"].append(row.joint if row is not None else False)
+            meta["descriptions"].append(row.descriptions if row is not None else False)
+            if audio is None:  # masked-out row: silent audio, one EOS token, no loss
+                out["audio_mask"][r, :pad_audio] = True
+                out["instruction_ids"][r, 0] = out["target_ids"][r, 0] = eos
+                out["instruction_mask"][r, 0] = out["target_mask"][r, 0] = True
+                continue
+            ins, tgt = tokens[k]
+            out["audio"][r, : audio.size] = audio
+            out["audio_mask"][r, : audio.size] = True
+            out["instruction_ids"][r, : len(ins)] = ins
+            out["instruction_mask"][r, : len(ins)] = True
+            out["target_ids"][r, : len(tgt)] = tgt
+            out["target_mask"][r, : len(tgt)] = True
+            out["task_id"][r] = row.task_id
+            out["example_mask"][r] = True
+        out["meta"] = meta
+        return out
+
+    def _load(self, ex: Example, max_samples: int, skipped: list) -> Optional[np.ndarray]:
+        try:
+            audio = load_audio(ex.audio, self.sr, offset=ex.offset if ex.segment else 0.0,
+                               duration=ex.duration if ex.segment else None)
+        except AudioError as e:
+            skipped.append((e.reason, ex.where, str(e)))
+            return None
+        except Exception as e:  # anything else a decoder throws: still one bad file, not a dead epoch
+            skipped.append(("unreadable_audio", ex.where, f"{ex.audio}: {type(e).__name__}: {e}"))
+            return None
+        if audio.size > max_samples:
+            skipped.append(("duration_mismatch", ex.where,
+                            f"{ex.audio}: {audio.size / self.sr:.3f}s decoded, manifest says {ex.duration:.3f}s"))
+            return None
+        return audio
+
+
+# --------------------------------------------------------------------------------------------
+# Pipeline and iterator
+# --------------------------------------------------------------------------------------------
+
+def _shard(cfg, shard_index: Optional[int], shard_count: Optional[int], shard_options=None) -> Tuple[int, int]:
+    if shard_options is not None:
+        return int(shard_options.shard_index), int(shard_options.shard_count)
+    idx = shard_index if shard_index is not None else int(_cfg_get(cfg, "shard_index", -1))
+    cnt = shard_count if shard_count is not None else int(_cfg_get(cfg, "shard_count", -1))
+    if idx < 0 or cnt < 0:
+        import jax
+
+        idx = jax.process_index() if idx < 0 else idx
+        cnt = jax.process_count() if cnt < 0 else cnt
+    if not 0 <= idx < cnt:
+        raise ValueError(f"shard_index {idx} must be in [0, {cnt})")
+    return idx, cnt
+
+
+def validate_config(cfg) -> None:
+    """Raise ValueError for settings that cannot work together."""
+    sr = int(cfg.sample_rate)
+    if int(cfg.batch_size) <= 0:
+        raise ValueError(f"data.batch_size must be > 0, got {cfg.batch_size}")
+    if float(cfg.max_audio_seconds) * sr > max(cfg.audio_buckets_seconds) * sr + 1e-6:
+        raise ValueError(f"data.max_audio_seconds={cfg.max_audio_seconds} does not fit the largest audio bucket "
+                         f"({max(cfg.audio_buckets_seconds)}s)")
+    if int(cfg.max_target_tokens) > max(cfg.target_buckets):
+        raise ValueError(f"data.max_target_tokens={cfg.max_target_tokens} is larger than the largest target "
+                         f"bucket ({max(cfg.target_buckets)})")
+    for split in (cfg.prompt_split, _cfg_get(cfg, "eval_prompt_split", "seen")):
+        if split not in ("seen", "unseen"):
+            raise ValueError(f"prompt split must be 'seen' or 'unseen', got {split!r}")
+
+
+class Pipeline:
+    """One split (train or eval) of the data: sources, plan, grain dataset and iterators."""
+
+    def __init__(self, manifests, cfg, encoder: TextEncoder, *, train: bool = True,
+                 shard_index: Optional[int] = None, shard_count: Optional[int] = None, shard_options=None):
+        validate_config(cfg)
+        self.cfg, self.encoder, self.train = cfg, encoder, train
+        self.shard_index, self.shard_count = _shard(cfg, shard_index, shard_count, shard_options)
+        if int(cfg.batch_size) % self.shard_count:
+            raise ValueError(f"data.batch_size={cfg.batch_size} must divide by the process count {self.shard_count}")
+        self.manifests = split_paths(manifests)
+        if not self.manifests:
+            raise ValueError(f"no {'train' if train else 'eval'} manifests configured")
+        self.build_stats = DataStats(strict=bool(cfg.strict), max_logged=int(cfg.max_logged_errors))
+        examples = read_manifests(self.manifests, self.build_stats, label_overrides=_plain(cfg.label_overrides) or {},
+                                  probe=bool(cfg.probe_durations), check_files=bool(cfg.check_files))
+        self.sources = build_sources(examples, cfg, encoder, self.build_stats, use_weights=train)
+        if not self.sources:
+            raise ValueError(f"no usable examples in {self.manifests}\n{self.build_stats.summary()}")
+        weights = None
+        mix = mix_weights(cfg) if train else {}
+        if mix:
+            missing = [t for t, w in mix.items() if w > 0 and t not in self.sources]
+            if missing:
+                log.warning("mix_weights names tasks without usable examples: %s", missing)
+            weights = [mix[t] for t in self.sources]
+        n = sum(len(s.examples) for s in self.sources.values())
+        total = int(_cfg_get(cfg, "epoch_examples", 0)) if train else 0
+        self.epoch_examples = total or n
+        self.num_epochs = int(cfg.num_epochs) if train else 1
+        self.loader = BatchLoader(
+            self.sources, cfg, encoder, shuffle=bool(cfg.shuffle) and train, weights=weights,
+            total=self.epoch_examples, shard_index=self.shard_index, shard_count=self.shard_count,
+            prompt_split=cfg.prompt_split if train else _cfg_get(cfg, "eval_prompt_split", "seen"),
+            joint_share=float(cfg.joint_share) if train else 0.0)
+        self.batches_per_epoch = self.loader.batches_per_epoch
+        if self.build_stats.counts:
+            log.info(self.build_stats.summary(f"{'train' if train else 'eval'} manifests"))
+
+    @property
+    def num_batches(self) -> Optional[int]:
+        return self.batches_per_epoch * self.num_epochs if self.num_epochs > 0 else None
+
+    def shape_bound(self) -> int:
+        """How many distinct batch shapes the train step can see (compilations)."""
+        c = self.cfg
+        return len(c.audio_buckets_seconds) * len(c.instruction_buckets) * len(c.target_buckets)
+
+    def dataset(self, start: int = 0):
+        """The grain dataset of batches `start, start+1, ...` (threads / workers as configured)."""
+        import grain
+
+        stop = self.num_batches if self.num_batches is not None else start + _ENDLESS
+        ds = grain.MapDataset.range(start, max(stop, start)).map(self.loader)
+        threads = int(self.cfg.read_threads)
+        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=int(self.cfg.prefetch)
+                                                  if threads else 0))
+        workers = int(self.cfg.worker_count)
+        if workers > 0:
+            _absl_parsed()
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                             per_worker_buffer_size=int(self.cfg.worker_buffer)))
+        return ds
+
+    def iterator(self) -> "BatchIterator":
+        return BatchIterator(self)
+
+
+def _absl_parsed() -> None:
+    """grain workers read absl flags; outside absl.app.run they must be marked parsed."""
+    try:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+class BatchIterator:
+    """Batches of a `Pipeline`, with exact `get_state()` / `set_state()` and per-epoch summaries.
+
+    State (JSON-able): {'next_batch': global batch index, 'counts': load-time skips so far,
+    'epoch_counts': load-time skips in the current epoch}.
+    """
+
+    def __init__(self, pipeline: Pipeline):
+        self.pipeline = pipeline
+        cfg = pipeline.cfg
+        self.stats = DataStats(strict=bool(cfg.strict), max_logged=int(cfg.max_logged_errors))
+        self.epoch_stats = DataStats(max_logged=int(cfg.max_logged_errors))
+        self.epoch_summaries: Dict[int, Dict[str, int]] = {}
+        self._start(0)
+
+    def _start(self, index: int) -> None:
+        if getattr(self, "_it", None) is not None:
+            self.close()
+        self.next_batch = int(index)
+        self._it = iter(self.pipeline.dataset(self.next_batch))
+
+    def close(self) -> None:
+        """Stop prefetch threads / worker processes (a later `set_state` starts new ones)."""
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+        self._it = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Dict[str, Any]:
+        batch = next(self._it)
+        meta = batch["meta"]
+        self.next_batch = meta["global_batch"] + 1
+        for reason, where, message in meta["skipped"]:
+            self.stats.record(reason, where, message)  # raises DataError when strict
+            self.epoch_stats.record(reason, where, message)
+        if meta["batch"] == self.pipeline.batches_per_epoch - 1:
+            self._end_epoch(meta["epoch"])
+        return batch
+
+    def _end_epoch(self, epoch: int) -> None:
+        total = self.pipeline.build_stats.copy().merge(self.epoch_stats)
+        self.epoch_summaries[epoch] = total.as_dict()
+        log.info(total.summary(f"epoch {epoch} data"))
+        self.epoch_stats = DataStats(max_logged=self.epoch_stats.max_logged)
+
+    def counts(self) -> Dict[str, int]:
+        """Skipped / filtered counts so far: manifest-level (once) plus load-time."""
+        return self.pipeline.build_stats.copy().merge(self.stats).as_dict()
+
+    def get_state(self) -> Dict[str, Any]:
+        return {"next_batch": self.next_batch, "counts": dict(self.stats.counts),
+                "epoch_counts": dict(self.epoch_stats.counts)}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        if isinstance(state, (bytes, bytearray)):
+            import json
+
+            state = json.loads(state.decode("utf-8"))
+        cfg = self.pipeline.cfg
+        self.stats = DataStats.from_counts(state.get("counts", {}), strict=bool(cfg.strict))
+        self.epoch_stats = DataStats.from_counts(state.get("epoch_counts", {}))
+        self._start(int(state["next_batch"]))
+
+
+class ManifestData:
+    """What the train loop needs (`train.loop.TrainData`): train iterator, eval batches, stats."""
+
+    def __init__(self, config, tokenizer: Any = None, shard_index: Optional[int] = None,
+                 shard_count: Optional[int] = None, shard_options=None):
+        self.config = config
+        self.task_names = list(tasks_lib.TASK_NAMES)
+        self.encoder = tokenizer if isinstance(tokenizer, TextEncoder) else TextEncoder(config.tokenizer, tokenizer)
+        self._shard = dict(shard_index=shard_index, shard_count=shard_count, shard_options=shard_options)
+        self.train = Pipeline(config.train_manifests, config, self.encoder, train=True, **self._shard) \
+            if split_paths(config.train_manifests) else None
+        self._eval: Optional[Pipeline] = None
+        self._iterators: List[BatchIterator] = []
+
+    @property
+    def eval(self) -> Optional[Pipeline]:
+        if self._eval is None and split_paths(self.config.eval_manifests):
+            self._eval = Pipeline(self.config.eval_manifests, self.config, self.encoder, train=False, **self._shard)
+        return self._eval
+
+    def train_iterator(self) -> BatchIterator:
+        if self.train is None:
+            raise ValueError("data.train_manifests is empty")
+        it = self.train.iterator()
+        self._iterators.append(it)
+        return it
+
+    def eval_batches(self) -> Iterator[Dict[str, Any]]:
+        """One pass over the eval manifests (no shuffling, no joint examples, fixed prompts)."""
+        if self.eval is None:
+            return iter(())
+        return iter(self.eval.iterator())
+
+    def stats(self) -> Dict[str, int]:
+        """Counts by reason ('skipped/...' bad input, 'filtered/...' config filters) so far."""
+        total = DataStats()
+        if self.train is not None:
+            total.merge(self.train.build_stats)
+        for it in self._iterators:
+            total.merge(it.stats)
+        out = total.as_dict()
+        if self._eval is not None:
+            out.update({f"eval/{k}": v for k, v in self._eval.build_stats.as_dict().items()})
+        return out
