@@ -23,6 +23,55 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_from_flags(argv: List[str]):
+    """`--config FILE[:arg] [--config.a.b=value ...]` (ml_collections config_flags) and `--workdir`."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    if not argv or any(a in ("-h", "--help") for a in argv):
+        print("usage: speechverse-jax train|curriculum --config configs/X.py[:arg] --workdir DIR "
+              "[--config.a.b=value ...]\n  e.g. --config.optim.lr=3e-4 --config.data.batch_size=64")
+        raise SystemExit(0 if argv else 2)
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "config module (get_config)", flag_values=values,
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "run folder (local or gs://)", flag_values=values)
+    values(["speechverse-jax"] + list(argv))
+    if values.config is None or not values.workdir:
+        raise SystemExit("usage: speechverse-jax train|curriculum --config configs/X.py --workdir DIR [--config.a.b=v]")
+    return values.config, values.workdir
+
+
+def _train(args: argparse.Namespace) -> int:
+    from speechverse_jax.train.curriculum import run_stage
+
+    config, workdir = _config_from_flags(args.rest)
+    run_stage(config, workdir)
+    return 0
+
+
+def _curriculum(args: argparse.Namespace) -> int:
+    from speechverse_jax.train.curriculum import run_curriculum
+
+    config, workdir = _config_from_flags(args.rest)
+    run_curriculum(config, workdir)
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from speechverse_jax.data.prepare import run_prepare
+
+    options = {}
+    for item in args.option or []:
+        if "=" not in item:
+            raise SystemExit(f"--option takes KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        options[key] = value
+    summary = run_prepare(args.dataset, args.src, args.out, **options)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from speechverse_jax.demo import run_demo
 
@@ -44,6 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=1e-4, help="max allowed float32 relative difference")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=_convert)
+
+    for name, func, text in (("train", _train, "run one training stage"),
+                             ("curriculum", _curriculum, "run the curriculum stages in order")):
+        p = sub.add_parser(name, help=text, description=f"{text}: --config FILE[:arg] --workdir DIR [--config.a.b=v ...]",
+                           prefix_chars="+")  # every --flag goes to ml_collections / absl
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("prepare", help="write manifests for a public corpus from its downloaded layout")
+    p.add_argument("dataset", help="librispeech | commonvoice | voxpopuli | slurp | covost2 | msppodcast | fisher")
+    p.add_argument("src", help="the corpus as downloaded")
+    p.add_argument("out", help="output folder for the manifests")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE", help="recipe option (repeatable)")
+    p.set_defaults(func=_prepare)
 
     p = sub.add_parser("demo", help="the small end-to-end demo on CPU")
     p.add_argument("--out", default="outputs/demo", help="output folder")

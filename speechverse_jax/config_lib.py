@@ -90,17 +90,16 @@ RULES_STAGE2 = (
 )
 
 
-def train_config(max_steps: int = 10000, batch_size: int = 32, lr: float = 1e-3, warmup_steps: int = 100,
+def train_config(max_steps: int = 10000, lr: float = 1e-3, warmup_steps: int = 100,
                  rules=RULES_STAGE1) -> ml_collections.ConfigDict:
     """`config.train`, `config.optim` and `config.mesh` sections with the paper's defaults
-    (AdamW, peak 1e-3, 100 warm-up steps for the WavLM model)."""
+    (AdamW, peak 1e-3, 100 warm-up steps for the WavLM model). The batch size is `data.batch_size`."""
     from speechverse_jax.train.partitioning import DEFAULT_RULES
 
     return ml_collections.ConfigDict(dict(
         train=dict(
             seed=0,
-            batch_size=batch_size,  # global batch, across all processes
-            accum_steps=1,  # micro-batches per update (batch_size must divide by it)
+            accum_steps=1,  # micro-batches per update (data.batch_size must divide by it)
             max_steps=max_steps,
             param_rules=[list(r) for r in rules],
             init_from="",  # previous stage run folder: its best checkpoint's trainable params
@@ -116,3 +115,65 @@ def train_config(max_steps: int = 10000, batch_size: int = 32, lr: float = 1e-3,
                    b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, clip_norm=1.0),
         mesh=dict(data=-1, fsdp=1, tensor=1, rules=[list(r) for r in DEFAULT_RULES]),
     ))
+
+
+def stage_config(stage: str, model_kwargs: Optional[dict] = None, max_steps: int = 20000, lr: float = 1e-3,
+                 warmup_steps: int = 100, batch_size: int = 768) -> ml_collections.ConfigDict:
+    """A full curriculum-stage config: model, train/optim/mesh, data.
+
+    stage1: ASR only, downsampler + layer weights train, no LoRA in the model.
+    stage2_warmup: LoRA added (grafted, b = 0), ASR only, downsampler + layer weights + LoRA train.
+    stage2_multitask: all tasks mixed by `data.mix_weights`, same trainable set.
+    """
+    from speechverse_jax.data.pipeline import default_data_config
+
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    kw = dict(model_kwargs or {})
+    kw["lora_rank"] = 0 if stage == "stage1" else kw.get("lora_rank", 16)
+    config = train_config(max_steps=max_steps, lr=lr, warmup_steps=warmup_steps,
+                          rules=RULES_STAGE1 if stage == "stage1" else RULES_STAGE2)
+    config.stage = stage
+    config.base_checkpoint = ""  # folder written by `speechverse-jax convert`
+    config.model = model_config(**kw)
+    config.data = default_data_config()
+    config.data.batch_size = batch_size
+    if stage != "stage2_multitask":
+        config.data.mix_weights = {"asr": 1.0}
+    return config
+
+
+STAGES = ("stage1", "stage2_warmup", "stage2_multitask")
+
+# The paper's full-size layouts (Table 11), by the `arg` of the stage config modules.
+PAPER_LAYOUTS = {
+    # Multitask-WLM: WavLM-Large last layer, strides [2, 2] (50 Hz -> 12.5 Hz), Flan-T5-XL, LoRA r16.
+    "wlm": dict(wavlm="wavlm-large", t5="flan-t5-xl", layer_combination="last", strides=(2, 2)),
+    # The Best-RQ recipe's learnable weighted sum of all layers (Eq. 1), on WavLM-Large.
+    "weighted": dict(wavlm="wavlm-large", t5="flan-t5-xl", layer_combination="weighted", strides=(2, 2)),
+}
+
+
+def paper_stage_config(stage: str, layout: Optional[str] = None) -> ml_collections.ConfigDict:
+    """A stage of the paper's recipe at full size: bf16 compute and bf16-stored frozen weights."""
+    layout = layout or "wlm"
+    if layout not in PAPER_LAYOUTS:
+        raise ValueError(f"config arg must be one of {sorted(PAPER_LAYOUTS)}, got {layout!r}")
+    config = stage_config(stage, model_kwargs=PAPER_LAYOUTS[layout])
+    config.model.dtype = "bfloat16"
+    config.model.frozen_param_dtype = "bfloat16"
+    return config
+
+
+def load_config_file(path: str, arg: Optional[str] = None) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of a config module given by path (as ml_collections config_flags does)."""
+    import importlib.util
+    import os
+
+    name = "_svj_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"config file {path} not found")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg is not None else module.get_config()

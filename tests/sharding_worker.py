@@ -26,7 +26,6 @@ def run(base, workdir, shape):
     n = int(np.prod(shape))
     mesh = make_mesh(*shape, devices=jax.devices()[:n])
     config = tiny_config(base, steps=3)
-    config.train.batch_size = 8
     data = tiny_data()
     data.shape["batch_size"] = 8
     out = train(config, workdir, data, mesh=mesh, progress=False)

@@ -16,7 +16,7 @@ from speechverse_jax.train.loop import NonFiniteError, build_setup, train
 
 
 def tiny_config(base, stage=2, steps=3, **train_overrides):
-    config = config_lib.train_config(max_steps=steps, batch_size=4, lr=1e-2, warmup_steps=1,
+    config = config_lib.train_config(max_steps=steps, lr=1e-2, warmup_steps=1,
                                      rules=config_lib.RULES_STAGE2 if stage == 2 else config_lib.RULES_STAGE1)
     config.base_checkpoint = base
     config.model = config_lib.model_config(layer_combination="weighted", lora_rank=4 if stage == 2 else 0)

@@ -154,10 +154,12 @@ def _put_batch(batch: Dict[str, np.ndarray], mesh) -> Dict[str, jax.Array]:
 
 
 def _audio_seconds(batch) -> float:
+    """Seconds of real audio in a host batch (masked-out padding rows excluded)."""
+    rows = np.asarray(batch.get("example_mask", True))[..., None]
     if "audio_mask" in batch:
-        return float(np.asarray(batch["audio_mask"]).sum()) / SAMPLE_RATE
+        return float((np.asarray(batch["audio_mask"]) & rows).sum()) / SAMPLE_RATE
     if "frame_mask" in batch:
-        return float(np.asarray(batch["frame_mask"]).sum()) * 0.02  # WavLM frames are 20 ms
+        return float((np.asarray(batch["frame_mask"]) & rows).sum()) * 0.02  # WavLM frames are 20 ms
     return 0.0
 
 
@@ -269,7 +271,9 @@ def train(config, workdir: str, data: TrainData, mesh=None, progress: bool = Tru
             improved = False
             if is_eval:
                 val = evaluate(setup, state.params, data, eval_fn)
-                val["bad_input"] = sum(data.stats().values()) if hasattr(data, "stats") else 0
+                stats = data.stats() if hasattr(data, "stats") else {}
+                val["skipped_examples"] = sum(v for k, v in stats.items() if k.startswith("skipped/"))
+                val["filtered_examples"] = sum(v for k, v in stats.items() if k.startswith("filtered/"))
                 writer.write(step, "eval", val)
                 improved = val["loss"] < best_val
                 if improved:
