@@ -114,7 +114,7 @@ def main(argv=None) -> Dict[str, float]:
     work = args.dir or tempfile.mkdtemp(prefix="loader_bench_")
     made = make_manifest(work, args.examples, max_seconds=args.max_seconds)
     cfg = default_data_config()
-    cfg.train_manifests = [made["manifest"]]
+    cfg.train_manifests = made["manifest"]
     cfg.tokenizer = made["tokenizer"]
     cfg.batch_size = args.batch_size
     cfg.worker_count, cfg.read_threads = args.workers, args.threads

@@ -22,7 +22,7 @@ def get_config(arg="wlm"):
     config = ml_collections.ConfigDict()
     config.order = list(config_lib.STAGES)
     config.base_checkpoint = ""
-    config.data = ml_collections.ConfigDict(dict(train_manifests=[], eval_manifests=[], tokenizer=""))
+    config.data = ml_collections.ConfigDict(dict(train_manifests="", eval_manifests="", tokenizer=""))
     for stage in config_lib.STAGES:
         config[stage] = config_lib.load_config_file(os.path.join(HERE, f"{stage}.py"), arg)
     return config

@@ -33,10 +33,11 @@ def _config_from_flags(argv: List[str]):
               "[--config.a.b=value ...]\n  e.g. --config.optim.lr=3e-4 --config.data.batch_size=64")
         raise SystemExit(0 if argv else 2)
     values = flags.FlagValues()
+    argv = ["speechverse-jax"] + list(argv)
     config_flags.DEFINE_config_file("config", None, "config module (get_config)", flag_values=values,
-                                    lock_config=True)
+                                    lock_config=True, sys_argv=argv)  # overrides are read from sys_argv
     flags.DEFINE_string("workdir", None, "run folder (local or gs://)", flag_values=values)
-    values(["speechverse-jax"] + list(argv))
+    values(argv)
     if values.config is None or not values.workdir:
         raise SystemExit("usage: speechverse-jax train|curriculum --config configs/X.py --workdir DIR [--config.a.b=v]")
     return values.config, values.workdir

@@ -139,7 +139,7 @@ def stage_config(stage: str, model_kwargs: Optional[dict] = None, max_steps: int
     config.data = default_data_config()
     config.data.batch_size = batch_size
     if stage != "stage2_multitask":
-        config.data.mix_weights = {"asr": 1.0}
+        config.data.mix_weights = "asr=1.0"
     return config
 
 

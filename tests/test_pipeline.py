@@ -61,13 +61,17 @@ def encoder(corpus):
 
 def _cfg(corpus, **overrides):
     cfg = P.default_data_config()
-    cfg.train_manifests = [corpus["manifest"]]
+    cfg.train_manifests = corpus["manifest"]
     cfg.tokenizer = corpus["tokenizer"]
     cfg.batch_size = 8
     cfg.shard_index, cfg.shard_count = 0, 1
     cfg.read_threads = 0
     cfg.bucket_window = 2
     for k, v in {**BUCKETS, **overrides}.items():
+        if k.endswith("_manifests") and isinstance(v, list):
+            v = ",".join(v)  # the config field is a comma-separated string
+        if k == "mix_weights" and isinstance(v, dict):
+            v = ",".join(f"{task}={w}" for task, w in v.items())
         cfg[k] = v
     return cfg
 

@@ -38,12 +38,12 @@ Batch (numpy; what the train step consumes; B = batch_size / process count):
     instructions, choices, joint, skipped).
 
 Config section (`default_data_config()`; sizes in seconds, tokens or examples):
-    train_manifests / eval_manifests   list of paths (or one comma-separated string)
+    train_manifests / eval_manifests   comma-separated paths (a list works too in Python)
     tokenizer            folder with spiece.model / tokenizer.json (T5 tokenizer)
     batch_size           global batch size (all processes together)
     seed, shuffle        order; shuffle=False walks the tasks in name order, each in manifest order
-    mix_weights          {task: weight} (or 'asr=0.5,ic=0.2'): each task's share of the stream
-                         ({} = by data size; tasks left out are counted as task_not_in_mix)
+    mix_weights          'asr=0.5,ic=0.2' (or a {task: weight} dict): each task's share of the stream
+                         ('' = by data size; tasks left out are counted as task_not_in_mix)
     epoch_examples       stream positions per epoch (0 = number of usable examples)
     num_epochs           0 = endless
     sample_rate          16000
@@ -91,13 +91,13 @@ _ENDLESS = 2**40
 def default_data_config() -> ml_collections.ConfigDict:
     """The `config.data` section (see the module docstring for each field)."""
     return ml_collections.ConfigDict(dict(
-        train_manifests=[],
-        eval_manifests=[],
+        train_manifests="",  # comma-separated (a string, so the command line can override it)
+        eval_manifests="",
         tokenizer="",
         batch_size=32,
         seed=0,
         shuffle=True,
-        mix_weights={},
+        mix_weights="",  # 'asr=0.5,ic=0.2' ('' = by data size)
         epoch_examples=0,
         num_epochs=0,
         sample_rate=16000,
