@@ -48,6 +48,11 @@ def fold_weight_norm(g: np.ndarray, v: np.ndarray) -> np.ndarray:
     return conv_kernel(v32 * (g.astype(np.float32) / norm))
 
 
+def flatten_heads(c: np.ndarray) -> np.ndarray:
+    """`gru_rel_pos_const` `(1, heads, 1, 1)` -> `[heads]`."""
+    return c.reshape(-1)
+
+
 def _linear(ours: str, hf: str) -> List[Entry]:
     return [Entry(f"{ours}/kernel", (f"{hf}.weight",), transpose), Entry(f"{ours}/bias", (f"{hf}.bias",))]
 
@@ -76,7 +81,7 @@ def name_table(cfg: WavLMConfig) -> List[Entry]:
         for o, h in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "out_proj")):
             table += _linear(f"{ours}/attention/{o}", f"{hf}.attention.{h}")
         table.append(Entry(f"{ours}/attention/gru_rel_pos_const", (f"{hf}.attention.gru_rel_pos_const",),
-                           lambda c: c.reshape(-1)))
+                           flatten_heads))
         table += _linear(f"{ours}/attention/gru_rel_pos_linear", f"{hf}.attention.gru_rel_pos_linear")
         if i == 0:
             table.append(Entry(f"{ours}/attention/rel_attn_embed", (f"{hf}.attention.rel_attn_embed.weight",)))
