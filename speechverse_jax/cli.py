@@ -74,7 +74,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from speechverse_jax.demo import run_demo
+    from speechverse_jax.demo.smoke import run_demo
 
     run_demo(out_dir=args.out)
     return 0

@@ -1,0 +1,121 @@
+"""The spoken demo corpus (quick profile): manifests read back, held-out sentences, labels true."""
+
+import collections
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from speechverse_jax.data.errors import DataStats
+from speechverse_jax.data.manifest import read_manifest
+from speechverse_jax.data.prepare.common import words
+from speechverse_jax.demo import corpus
+
+pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("corpus")
+    summary = corpus.make_corpus(str(out), profile="quick", seed=3, progress=False)
+    return out, summary
+
+
+def _rows(out, split):
+    with open(os.path.join(out, f"{split}.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_manifests_read_back_with_every_task(quick):
+    out, summary = quick
+    for split in corpus.SPLITS:
+        stats = DataStats()
+        examples = read_manifest(os.path.join(out, f"{split}.jsonl"), stats)
+        assert stats.as_dict() == {} and len(examples) == summary["total"][split]
+        assert {e.task for e in examples} == set(corpus.DEMO_TASKS)
+        for task in corpus.DEMO_TASKS:
+            stats = DataStats()
+            by_task = read_manifest(os.path.join(out, "by_task", f"{split}.{task}.jsonl"), stats)
+            assert stats.as_dict() == {} and by_task and {e.task for e in by_task} == {task}
+    with open(os.path.join(out, "corpus.json")) as f:
+        stored = json.load(f)
+    assert stored["counts"] == summary["counts"] and set(stored["baselines"]) == set(corpus.DEMO_TASKS)
+    assert stored["baselines"]["asr"]["empty_output_wer"] == 1.0
+    assert stored["baselines"]["kws"]["chance"] == 0.5
+
+
+def test_held_out_sentences(quick):
+    out, _ = quick
+    train = {r["transcript"] for r in _rows(out, "train") if r.get("transcript")}
+    for split in ("dev", "test"):
+        for r in _rows(out, split):
+            if r["task"] in ("asr", "ic", "sf", "open"):
+                assert r["transcript"] not in train, (split, r)
+
+
+def test_labels_true_by_construction(quick):
+    out, _ = quick
+    rows = [r for split in corpus.SPLITS for r in _rows(out, split)]
+    kws = [r for r in rows if r["task"] == "kws"]
+    for r in kws:
+        assert (r["keyword"] in words(r["transcript"])) == (r["target"] == "yes"), r
+    share = np.mean([r["target"] == "yes" for r in kws])
+    assert 0.6 <= share <= 0.8
+    for r in rows:
+        if r["task"] == "asr":
+            assert r["target"] == r["transcript"]
+        if r["task"] == "kwe":
+            assert all(k in words(r["transcript"]) for k in r["target"].split(", "))
+        if r["task"] == "sf" and r["target"] != "none":
+            for pair in r["target"].rstrip(";").split(";"):
+                slot, value = (x.strip() for x in pair.split("="))
+                assert slot in corpus.SF_SLOT_NAMES and value in r["transcript"]
+        if r["task"] == "sns":
+            assert ("transcript" in r) == (r["target"] == "speech")
+        if r["task"] == "ac":
+            assert r["voice"].startswith(corpus.AC_VOICES[r["target"]] + "+")
+    sc = collections.defaultdict(list)
+    for r in rows:
+        if r["task"] == "sc":
+            sc[r["target"]].append(r["duration"])
+            assert len(set(v.split()[0] for v in r["voice"].split(" | "))) == (2 if r["target"] == "two" else 1)
+    assert np.mean(sc["two"]) > np.mean(sc["one"])
+
+
+def test_audio_is_16k_mono_and_short(quick):
+    out, _ = quick
+    for r in _rows(out, "test"):
+        info = sf.info(os.path.join(out, r["audio"]))
+        assert info.samplerate == 16000 and info.channels == 1
+        assert abs(info.frames / 16000 - r["duration"]) < 1e-3
+        assert 0.5 < r["duration"] < 7.0
+
+
+def test_deterministic(quick, tmp_path):
+    out, _ = quick
+    corpus.make_corpus(str(tmp_path), profile="quick", seed=3, progress=False)
+    for split in corpus.SPLITS:
+        assert _rows(tmp_path, split) == _rows(out, split)
+    with open(os.path.join(out, "audio/test/asr_00000.wav"), "rb") as a, \
+            open(os.path.join(tmp_path, "audio/test/asr_00000.wav"), "rb") as b:
+        assert a.read() == b.read()
+
+
+def test_corpus_texts(quick):
+    out, _ = quick
+    texts = corpus.corpus_texts(str(out))
+    joined = "\n".join(texts)
+    train = _rows(out, "train")
+    assert all(r["target"] in joined for r in train)
+    assert "Transcribe the preceding audio." in texts
+    test_only = {r["transcript"] for r in _rows(out, "test") if r["task"] == "asr"}
+    assert not test_only & set(texts)
+
+
+def test_missing_espeak_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(corpus.shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="apt-get install espeak-ng sox"):
+        corpus.make_corpus(str(tmp_path), profile="quick", progress=False)
