@@ -71,6 +71,34 @@ class SpeechVerseModel:
             tokenizer = None
         return cls(cfg, params, tokenizer)
 
+    @classmethod
+    def from_run(cls, run_dir: str, which: str = "best") -> "SpeechVerseModel":
+        """A trained model: the run's resolved config, its base checkpoint and its trainable params
+        (`which`: 'best' by validation loss, falling back to the latest; or 'latest')."""
+        import json
+        import os
+
+        import ml_collections
+
+        from speechverse_jax import config_lib
+        from speechverse_jax.train.loop import previous_stage_params
+
+        config_path = os.path.join(run_dir, "config.json")
+        if not os.path.exists(config_path):
+            raise FileNotFoundError(f"{run_dir}: no config.json (is this a training run folder?)")
+        with open(config_path) as f:
+            config = ml_collections.ConfigDict(json.load(f))
+        base_dir = config.base_checkpoint
+        wavlm_cfg, t5_cfg, _ = checkpoints.load_model_config(base_dir)
+        cfg = config_lib.build_model_config(config.model, wavlm_cfg, t5_cfg)
+        trained = previous_stage_params(run_dir, prefer=which)
+        base = checkpoints.load_base_params(base_dir)
+        params = _merge(base, traverse_util.unflatten_dict(trained, sep="/"))
+        missing = set(traverse_util.flatten_dict(nn_abstract(cfg), sep="/")) - set(traverse_util.flatten_dict(params, sep="/"))
+        if missing:
+            raise ValueError(f"{run_dir}: the checkpoint lacks params the model needs: {sorted(missing)[:10]}")
+        return cls(cfg, params, load_tokenizer(base_dir))
+
     # -- batching -------------------------------------------------------------------------------
     @staticmethod
     def _audio_batch(audio: Sequence[Audio]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -109,6 +137,59 @@ class SpeechVerseModel:
     def _logits_fn(self):
         return jax.jit(lambda p, *args: self.module.apply({"params": p}, *args))
 
+    @functools.cached_property
+    def _t5_encode_fn(self):
+        """(params, audio-or-states, mask, instruction ids, mask) -> T5 encoder output and mask."""
+        def from_audio(p, audio, audio_mask, ins, ins_mask):
+            hidden, frame_mask = self.module.apply({"params": p}, audio, audio_mask, method=SpeechVerse.encode_audio)
+            return from_states(p, hidden, frame_mask, ins, ins_mask)
+
+        def from_states(p, hidden, frame_mask, ins, ins_mask):
+            tokens = self.module.apply({"params": p}, tuple(hidden), frame_mask, method=SpeechVerse.adapt)
+            return self.module.apply({"params": p}, tokens, ins, ins_mask, method=SpeechVerse.encode)
+
+        return {"audio": jax.jit(from_audio), "states": jax.jit(from_states)}
+
+    def generate_ids(self, inputs: Tuple[np.ndarray, np.ndarray], instruction_ids: np.ndarray,
+                     instruction_mask: np.ndarray, gen=None, constraint=None, from_states: bool = False):
+        """Batched generation from padded arrays: audio `[b, samples]` + mask, or cached encoder
+        states `[b, L+1, frames, dim]` + frame mask (`from_states`). Returns `decode.generate.Generated`."""
+        from speechverse_jax.decode.generate import GenerateConfig, generate, speechverse_t5
+
+        x, mask = inputs
+        if from_states:
+            x = np.moveaxis(x, 1, 0)
+        enc, enc_mask = self._t5_encode_fn["states" if from_states else "audio"](
+            self.params, x, mask, instruction_ids, instruction_mask)
+        return generate(speechverse_t5(self.cfg), self.params["t5"], enc, enc_mask, gen or GenerateConfig(),
+                        constraint=constraint)
+
+    def decode_text(self, generated) -> List[str]:
+        tokens, lengths = np.asarray(generated.tokens), np.asarray(generated.lengths)
+        return [self.tokenizer.decode(t[:n], skip_special_tokens=True).strip() for t, n in zip(tokens, lengths)]
+
+    def generate(self, audio: Sequence[Audio], instructions: Sequence[str], num_beams: int = 1,
+                 max_new_tokens: int = 64, length_penalty: float = 1.0, labels: Optional[Sequence[str]] = None,
+                 task: Optional[str] = None) -> List[str]:
+        """Answers for (audio, instruction) pairs. `labels` (or a classification `task`'s label set)
+        restricts the outputs to those labels (constrained decoding)."""
+        from speechverse_jax.decode.constraints import constraint_for_task, label_constraint, tokenizer_fns
+        from speechverse_jax.decode.generate import GenerateConfig
+
+        if len(audio) != len(instructions):
+            raise ValueError(f"{len(audio)} audio inputs but {len(instructions)} instructions")
+        batch, mask, _ = self._audio_batch(audio)
+        batch, mask = _pad_time(batch, mask, SAMPLE_RATE)
+        ins, ins_mask = self._text_batch(instructions, "instruction")
+        ins, ins_mask = _pad_time(ins, ins_mask, 16)
+        constraint = None
+        if task:
+            constraint = constraint_for_task(task, self.tokenizer, labels=labels)
+        elif labels:
+            constraint = label_constraint(list(labels), tokenizer_fns(self.tokenizer)[0], self.tokenizer.eos_token_id)
+        gen = GenerateConfig(max_new_tokens=max_new_tokens, num_beams=num_beams, length_penalty=length_penalty)
+        return self.decode_text(self.generate_ids((batch, mask), ins, ins_mask, gen, constraint))
+
     # -- public ---------------------------------------------------------------------------------
     def encode(self, audio: Sequence[Audio]) -> List[np.ndarray]:
         """WavLM hidden states per clip: `[num_layers + 1, frames, dim]` (padding removed)."""
@@ -135,6 +216,22 @@ class SpeechVerseModel:
             _, per_example = token_cross_entropy(logits[None], ids[None], np.ones((1, ids.size), bool))
             out.append(float(per_example[0]))
         return np.array(out)
+
+
+def _pad_time(x: np.ndarray, mask: np.ndarray, multiple: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Pad the second axis up to a multiple (bounded number of compiled shapes)."""
+    n = -(-x.shape[1] // multiple) * multiple
+    pad = [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
+    return np.pad(x, pad), np.pad(mask, pad[:2])
+
+
+def nn_abstract(cfg: SpeechVerseConfig) -> dict:
+    """Abstract (shape-only) params of the composed model."""
+    import flax.linen as nn
+
+    from speechverse_jax.models.speechverse import init_params
+
+    return nn.unbox(jax.eval_shape(lambda r: init_params(cfg, r), jax.random.PRNGKey(0)))
 
 
 def _merge(base: dict, extra: dict) -> dict:

@@ -74,9 +74,54 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from speechverse_jax.demo.smoke import run_demo
+    if args.profile == "convert-only":
+        from speechverse_jax.demo.smoke import run_demo as run_smoke
 
-    run_demo(out_dir=args.out)
+        run_smoke(out_dir=args.out)
+        return 0
+    from speechverse_jax.demo.run import run_demo
+
+    run_demo(out_dir=args.out, profile=args.profile, progress=not args.no_progress)
+    return 0
+
+
+def _load_model(checkpoint: str):
+    import os
+
+    from speechverse_jax.api import SpeechVerseModel
+
+    if os.path.exists(os.path.join(checkpoint, "config.json")):
+        return SpeechVerseModel.from_run(checkpoint)
+    return SpeechVerseModel.from_base(checkpoint)  # an untrained (converted) base: adaptor at init
+
+
+def _infer(args: argparse.Namespace) -> int:
+    from speechverse_jax.decode.constraints import load_labels
+
+    model = _load_model(args.checkpoint)
+    labels = load_labels(args.labels) if args.labels else None
+    answers = model.generate(args.audio, [args.instruction] * len(args.audio), num_beams=args.beams,
+                             max_new_tokens=args.max_new_tokens, labels=labels, task=args.task)
+    for audio, answer in zip(args.audio, answers):
+        if args.json:
+            print(json.dumps({"audio": audio, "instruction": args.instruction, "answer": answer}))
+        else:
+            print(f"{audio}\t{answer}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from speechverse_jax.eval.evaluate import EvalSetting, evaluate, write_reports
+
+    model = _load_model(args.checkpoint)
+    splits = ("seen", "unseen") if args.split == "both" else (args.split,)
+    settings = [EvalSetting(s, constrained=c, joint=args.joint, num_beams=args.beams, max_new_tokens=args.max_new_tokens)
+                for s in splits for c in ((False, True) if args.constrained == "both" else (args.constrained == "yes",))]
+    predictions, table = evaluate(model, args.manifest, settings, tasks=args.tasks.split(",") if args.tasks else None,
+                                  batch_size=args.batch_size)
+    paths = write_reports(args.out, predictions, table)
+    print(open(paths["markdown"]).read())
+    print(f"predictions: {paths['predictions']}\nmetrics: {paths['json']}, {paths['markdown']}")
     return 0
 
 
@@ -109,8 +154,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="recipe option (repeatable)")
     p.set_defaults(func=_prepare)
 
-    p = sub.add_parser("demo", help="the small end-to-end demo on CPU")
+    p = sub.add_parser("infer", help="answer an instruction about audio files")
+    p.add_argument("--checkpoint", required=True, help="a training run folder (or a converted base folder)")
+    p.add_argument("--audio", nargs="+", required=True, help="audio files (any format; resampled to 16 kHz)")
+    p.add_argument("--instruction", required=True)
+    p.add_argument("--labels", help="restrict the answer to these labels: 'a,b,c' or a file with one per line")
+    p.add_argument("--task", help="a task name whose label set constrains the answer (e.g. ic, sns)")
+    p.add_argument("--beams", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=_infer)
+
+    p = sub.add_parser("eval", help="generate on manifests and score every task")
+    p.add_argument("--checkpoint", required=True, help="a training run folder")
+    p.add_argument("--manifest", nargs="+", required=True)
+    p.add_argument("--out", default="outputs/eval", help="folder for predictions.jsonl and metrics.{json,md}")
+    p.add_argument("--split", default="seen", choices=("seen", "unseen", "both"), help="instruction wordings")
+    p.add_argument("--constrained", default="no", choices=("no", "yes", "both"), help="label-constrained decoding")
+    p.add_argument("--joint", action="store_true", help="joint decoding: transcript first, then the answer")
+    p.add_argument("--tasks", help="only these tasks (comma-separated)")
+    p.add_argument("--beams", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("demo", help="the end-to-end demo on CPU: corpus, backbones, curriculum, evaluation")
     p.add_argument("--out", default="outputs/demo", help="output folder")
+    p.add_argument("--profile", default="full", choices=("full", "quick", "convert-only"),
+                   help="full (about 20 min on 2 cores), quick (CI smoke), convert-only (conversion + API only)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_demo)
     return parser
 

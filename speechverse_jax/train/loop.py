@@ -112,7 +112,7 @@ def build_setup(config, mesh: Optional[jax.sharding.Mesh] = None, log_fn: Callab
                                          out_shardings={k: shardings[k] for k in train_paths}))
     init_from = config.train.get("init_from", "")
     if init_from:
-        previous = _previous_stage_params(init_from)
+        previous = previous_stage_params(init_from)
         grafted = sorted(k for k in train_paths if k not in previous)
         unused = sorted(k for k in previous if k not in train_paths)
         if unused:
@@ -127,20 +127,22 @@ def build_setup(config, mesh: Optional[jax.sharding.Mesh] = None, log_fn: Callab
     return Setup(model_cfg, model, mesh, labels, _unflat(frozen), _unflat(trainable), shardings)
 
 
-def _previous_stage_params(path: str) -> Dict[str, np.ndarray]:
-    """Trainable params of a previous stage: a run folder (its best, else latest checkpoint) or a manager folder."""
-    candidates = [os.path.join(path, "best"), os.path.join(path, "checkpoints"), path]
+def previous_stage_params(path: str, prefer: str = "best") -> Dict[str, np.ndarray]:
+    """Trainable params (flat) of a run folder: its best checkpoint, else its latest (or the
+    reverse with prefer='latest'); a checkpoint-manager folder works too."""
+    import orbax.checkpoint as ocp
+
+    order = ("best", "checkpoints") if prefer == "best" else ("checkpoints", "best")
+    candidates = [os.path.join(path, sub) for sub in order] + [path]
     for c in candidates:
         try:
             step, _ = ckpt_lib.read_meta(c)
         except (FileNotFoundError, ValueError, OSError):
             continue
-        import orbax.checkpoint as ocp
-
         with ocp.CheckpointManager(os.path.abspath(c), options=ocp.CheckpointManagerOptions(create=False)) as mgr:
             state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
         return _flat(state["params"])
-    raise FileNotFoundError(f"train.init_from={path}: no checkpoint under {candidates}")
+    raise FileNotFoundError(f"{path}: no checkpoint under {candidates}")
 
 
 def _put_batch(batch: Dict[str, np.ndarray], mesh) -> Dict[str, jax.Array]:

@@ -1,0 +1,63 @@
+"""The CPU demo: tiny pretrained backbones and the paper's three-stage curriculum on an espeak corpus.
+
+    speechverse-jax demo                      # profile 'full'  (about 20 minutes on 2 cores)
+    speechverse-jax demo --profile quick      # the CI smoke profile (a few minutes)
+
+`get_config(profile)` returns the whole demo: backbone sizes and pretraining budgets, then a
+curriculum config (same shape as configs/curriculum.py) whose stages the demo runs with cached
+encoder states. Everything is overridable from the command line, e.g.
+`--config.stage2_multitask.train.max_steps=2000`.
+"""
+
+import ml_collections
+
+from speechverse_jax import config_lib
+
+PROFILES = {
+    # steps: WavLM CTC, T5 text pretraining, stage1, stage2_warmup, stage2_multitask
+    "full": dict(wavlm_steps=700, t5_steps=900, stage_steps=(300, 150, 900), batch_size=16, vocab=400),
+    "quick": dict(wavlm_steps=30, t5_steps=40, stage_steps=(8, 4, 12), batch_size=8, vocab=200),
+}
+
+
+def get_config(profile="full"):
+    p = PROFILES[profile or "full"]
+    config = ml_collections.ConfigDict()
+    config.profile = profile or "full"
+    config.seed = 0
+    config.backbones = dict(
+        wavlm=dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
+                   conv_dim=[64] * 7, conv_kernel=[10, 3, 3, 3, 3, 2, 2], conv_stride=[5, 2, 2, 2, 2, 2, 2],
+                   conv_bias=False, feat_extract_norm="layer", do_stable_layer_norm=True,
+                   num_conv_pos_embeddings=32, num_conv_pos_embedding_groups=8, num_buckets=64,
+                   max_bucket_distance=200),
+        t5=dict(d_model=192, d_kv=48, d_ff=512, num_layers=3, num_decoder_layers=3, num_heads=4,
+                feed_forward_proj="gated-gelu", tie_word_embeddings=False, relative_attention_num_buckets=32,
+                relative_attention_max_distance=64, dropout_rate=0.1),
+        vocab_size=p["vocab"],
+        wavlm_steps=p["wavlm_steps"],
+        wavlm_batch=16,
+        t5_steps=p["t5_steps"],
+        t5_batch=32,
+    )
+    config.order = list(config_lib.STAGES)
+    for stage, steps in zip(config_lib.STAGES, p["stage_steps"]):
+        s = config_lib.stage_config(stage, model_kwargs=dict(layer_combination="weighted", strides=(2, 2),
+                                                             lora_rank=8), max_steps=steps,
+                                    lr=3e-3 if stage == "stage1" else 2e-3, warmup_steps=max(steps // 10, 1),
+                                    batch_size=p["batch_size"])
+        s.model.lora.alpha = 16.0
+        s.model.lora.dropout = 0.05
+        s.train.log_every = max(steps // 50, 1)
+        s.train.eval_every = max(steps // 4, 1)
+        s.train.checkpoint_every = max(steps // 4, 1)
+        s.train.early_stopping_patience = 0  # fixed budgets on CPU
+        s.data.audio_buckets_seconds = (2.0, 4.0, 6.0)
+        s.data.max_audio_seconds = 6.0
+        s.data.instruction_buckets = (32, 64, 128, 256)
+        s.data.target_buckets = (16, 32, 64)
+        s.data.max_target_tokens = 64
+        s.data.bucket_window = 8
+        s.data.read_threads = 0
+        config[stage] = s
+    return config

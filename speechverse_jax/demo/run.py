@@ -1,0 +1,294 @@
+"""`speechverse-jax demo`: a tiny SpeechVerse trained and evaluated end to end on 2 CPU cores.
+
+    1. corpus     espeak-ng speaks a multi-task corpus (demo/corpus.py)
+    2. backbones  a tokenizer, then a WavLM (CTC) and a Flan-style T5 (text tasks) pretrained in JAX,
+                  exported to the HF layout and converted with `speechverse-jax convert --verify`
+                  (made once per output folder and reused)
+    3. cache      the frozen encoder's hidden states, computed once for every clip
+    4. curriculum stage1 -> stage2_warmup -> stage2_multitask (configs/demo.py)
+    5. evaluate   every task on the test split: seen and unseen instructions, free and constrained
+                  decoding, joint decoding; results table, plots, example predictions
+
+Everything lands in one folder, printed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Any, Dict
+
+import numpy as np
+
+from speechverse_jax import config_lib
+
+REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+
+
+def demo_config(profile: str = "full"):
+    return config_lib.load_config_file(os.path.join(REPO_CONFIGS, "demo.py"), profile)
+
+
+def _say(msg: str) -> None:
+    print(f"[demo] {msg}", flush=True)
+
+
+def build_tokenizer(corpus_dir: str, out_dir: str, vocab_size: int):
+    """A T5-style sentencepiece tokenizer on the training texts, saved as an HF tokenizer folder."""
+    import transformers
+
+    from speechverse_jax import hf_tiny
+    from speechverse_jax.demo.corpus import corpus_texts
+
+    spm = hf_tiny.train_spiece(corpus_texts(corpus_dir), os.path.join(out_dir, "spm"), vocab_size=vocab_size)
+    shutil.copy(spm, os.path.join(out_dir, "spiece.model"))
+    tok = transformers.T5Tokenizer.from_pretrained(out_dir, extra_ids=0, legacy=False)
+    tok.save_pretrained(out_dir)
+    return tok
+
+
+def build_backbones(config, corpus_dir: str, out_dir: str, progress: bool = True) -> Dict[str, Any]:
+    """Pretrain, export (HF layout) and convert the backbones; reuse them when already made."""
+    from speechverse_jax.convert.export import export_t5, export_wavlm
+    from speechverse_jax.convert.pipeline import convert_checkpoints
+    from speechverse_jax.data import tasks
+    from speechverse_jax.data.audio import load_audio
+    from speechverse_jax.demo import backbones as bb
+    from speechverse_jax.demo.corpus import read_rows
+    from speechverse_jax.models.t5 import T5Config
+    from speechverse_jax.models.wavlm import WavLMConfig
+
+    base_dir = os.path.join(out_dir, "base")
+    report_path = os.path.join(out_dir, "backbones.json")
+    if os.path.exists(os.path.join(base_dir, "model_config.json")) and os.path.exists(report_path):
+        _say(f"reusing the pretrained backbones in {out_dir}")
+        with open(report_path) as f:
+            return json.load(f)
+    t0 = time.time()
+    cfg = config.backbones
+    hf_dir = os.path.join(out_dir, "hf")
+    tok_dir = os.path.join(hf_dir, "t5")
+    os.makedirs(tok_dir, exist_ok=True)
+    tokenizer = build_tokenizer(corpus_dir, tok_dir, int(cfg.vocab_size))
+    vocab = int(np.ceil(len(tokenizer) / 64) * 64)
+    _say(f"tokenizer: {len(tokenizer)} pieces (T5 vocab {vocab})")
+
+    rows = read_rows(os.path.join(corpus_dir, "train.jsonl"))
+    speech = [r for r in rows if r.get("transcript")]
+    clips = [load_audio(os.path.join(corpus_dir, r["audio"])) for r in speech]
+    wavlm_cfg = WavLMConfig.from_hf(cfg.wavlm.to_dict())
+    wavlm_params, wavlm_report = bb.pretrain_wavlm(
+        wavlm_cfg, clips, [r["transcript"] for r in speech], steps=int(cfg.wavlm_steps),
+        batch_size=int(cfg.wavlm_batch), max_samples=6 * 16000, seed=int(config.seed), progress=progress, log=_say)
+    export_wavlm(wavlm_cfg, wavlm_params, os.path.join(hf_dir, "wavlm"))
+
+    pairs = bb.text_pairs(rows, lambda row, i: tasks.build_instruction(row["task"], row, i))
+    t5_cfg = T5Config.from_hf(dict(cfg.t5.to_dict(), vocab_size=vocab, pad_token_id=0, eos_token_id=1,
+                                   decoder_start_token_id=0, is_encoder_decoder=True))
+    t5_params, t5_report = bb.pretrain_t5(t5_cfg, pairs, tokenizer, steps=int(cfg.t5_steps),
+                                          batch_size=int(cfg.t5_batch), seed=int(config.seed),
+                                          progress=progress, log=_say)
+    export_t5(t5_cfg, t5_params, tok_dir)
+
+    _say("converting the pretrained backbones (the same path as downloaded weights), with --verify")
+    verify = convert_checkpoints(os.path.join(hf_dir, "wavlm"), tok_dir, base_dir, verify=True, overwrite=True)
+    if not verify["verify"]["passed"]:
+        raise RuntimeError(f"conversion of the demo backbones failed verification: {verify['verify']['results']}")
+    report = {
+        "base_dir": base_dir,
+        "tokenizer_pieces": len(tokenizer),
+        "wavlm": {**wavlm_report.__dict__, "config": cfg.wavlm.to_dict()},
+        "t5": {**t5_report.__dict__, "config": cfg.t5.to_dict(), "text_pairs": len(pairs)},
+        "max_rel_diff_vs_hf": max(r["max_rel"] for r in verify["verify"]["results"]),
+        "seconds": round(time.time() - t0, 1),
+    }
+    with open(report_path, "w") as f:
+        json.dump(report, f, indent=2, default=str)
+    return report
+
+
+def encoder_cache(config, base_dir: str, corpus_dir: str, out_path: str, progress: bool = True):
+    """The frozen encoder's states for every clip of every split (computed once, then loaded)."""
+    from speechverse_jax import checkpoints
+    from speechverse_jax.data.encoder_cache import EncoderCache, build_cache
+
+    if os.path.exists(out_path):
+        return EncoderCache.load(out_path)
+    wavlm_cfg, t5_cfg, _ = checkpoints.load_model_config(base_dir)
+    model_cfg = config_lib.build_model_config(config.stage1.model, wavlm_cfg, t5_cfg)
+    params = checkpoints.load_base_params(base_dir)["wavlm"]
+    manifests = [os.path.join(corpus_dir, f"{s}.jsonl") for s in ("train", "dev", "test")]
+    cache = build_cache(model_cfg, params, manifests, batch_size=16, bucket_seconds=(2.0, 4.0, 6.0),
+                        progress=progress)
+    cache.save(out_path)
+    return cache
+
+
+def run_curriculum_cached(config, base_dir: str, corpus_dir: str, cache, workdir: str, progress: bool = True):
+    """The three stages on cached encoder states."""
+    from speechverse_jax import checkpoints
+    from speechverse_jax.data.encoder_cache import CachedFeatureData
+    from speechverse_jax.train.curriculum import make_data, run_curriculum
+
+    wavlm_cfg = checkpoints.load_model_config(base_dir)[0]
+    with config.unlocked():
+        config.base_checkpoint = base_dir
+        for stage in config.order:
+            multitask = stage == "stage2_multitask"  # stage 1 and the LoRA warm-up see ASR only
+            data = config[stage].data
+            data.train_manifests = os.path.join(corpus_dir, "train.jsonl" if multitask else "by_task/train.asr.jsonl")
+            data.eval_manifests = os.path.join(corpus_dir, "dev.jsonl" if multitask else "by_task/dev.asr.jsonl")
+            data.tokenizer = base_dir
+
+    def data_factory(stage_config):
+        return CachedFeatureData(make_data(stage_config), cache, wavlm_cfg)
+
+    return run_curriculum(config, workdir, progress=progress, data_factory=data_factory)
+
+
+def evaluate_demo(run_dir: str, corpus_dir: str, cache, out_dir: str, progress: bool = True) -> Dict[str, Any]:
+    """Every task on the test split: seen / unseen instructions, free / constrained, joint for IC."""
+    from speechverse_jax.api import SpeechVerseModel
+    from speechverse_jax.demo.corpus import baselines
+    from speechverse_jax.eval.evaluate import EvalSetting, evaluate, write_reports
+
+    model = SpeechVerseModel.from_run(run_dir)
+    test = [os.path.join(corpus_dir, "test.jsonl")]
+    settings = [EvalSetting("seen"), EvalSetting("unseen"), EvalSetting("seen", constrained=True),
+                EvalSetting("unseen", constrained=True)]
+    predictions, table = evaluate(model, test, settings, cache=cache, progress=progress)
+    joint_preds, joint_table = evaluate(model, test, [EvalSetting("seen", joint=True)], tasks=["ic"], cache=cache,
+                                        progress=progress)
+    for task, rows in joint_table.items():
+        table[task].update(rows)
+    base = baselines(corpus_dir)
+    paths = write_reports(out_dir, predictions + joint_preds, table, base)
+    return {"table": table, "baselines": base, "paths": paths, "model": model}
+
+
+def plot_metrics(table: Dict[str, Any], baselines_: Dict[str, Any], out_png: str) -> str:
+    """One bar per task: the seen/free score next to the best baseline (error rates flipped)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from speechverse_jax.data import tasks as tasks_lib
+
+    names, ours, base = [], [], []
+    for task in sorted(table):
+        metric = tasks_lib.get_task(task).metric
+        scores = table[task].get("seen/free", {})
+        if metric not in scores:
+            continue
+        b = baselines_.get(task, {})
+        numeric = [v for k, v in b.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "num_labels"]
+        flip = metric == "wer"
+        names.append(f"{task}\n({'1 - WER' if flip else metric})")
+        ours.append(1 - scores[metric] if flip else scores[metric])
+        base.append((1 - min(numeric)) if flip and numeric else (max(numeric) if numeric else 0.0))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 4))
+    x = np.arange(len(names))
+    ax.bar(x - 0.2, ours, 0.4, label="SpeechVerse demo (seen instructions, free decoding)")
+    ax.bar(x + 0.2, base, 0.4, label="chance / majority baseline", color="lightgray")
+    ax.set_xticks(x, names, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("score (higher is better)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return out_png
+
+
+def run_demo(out_dir: str = "outputs/demo", profile: str = "full", progress: bool = True) -> Dict[str, Any]:
+    """The whole demo; returns a summary (also written to `out_dir/summary.json`)."""
+    from speechverse_jax.demo.corpus import make_corpus
+    from speechverse_jax.train.metrics_log import plot_losses
+
+    t0 = time.time()
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    config = demo_config(profile)
+    timings = {}
+
+    def stamp(name, since):
+        timings[name] = round(time.time() - since, 1)
+        _say(f"{name}: {timings[name]}s")
+        return time.time()
+
+    t = time.time()
+    corpus_dir = os.path.join(out_dir, "corpus")
+    if os.path.exists(os.path.join(corpus_dir, "corpus.json")):
+        with open(os.path.join(corpus_dir, "corpus.json")) as f:
+            corpus = json.load(f)
+        _say(f"reusing the corpus in {corpus_dir}")
+    else:
+        _say(f"1/5 speaking the {profile} corpus with espeak-ng")
+        corpus = make_corpus(corpus_dir, profile=profile, seed=int(config.seed), progress=progress)
+    t = stamp("corpus", t)
+    _say("2/5 backbones: tokenizer, WavLM (CTC) and T5 (text tasks) pretrained in JAX, exported, converted")
+    backbones = build_backbones(config, corpus_dir, os.path.join(out_dir, "backbones"), progress=progress)
+    base_dir = backbones["base_dir"]
+    t = stamp("backbones", t)
+    _say("3/5 caching the frozen encoder's hidden states")
+    cache = encoder_cache(config, base_dir, corpus_dir, os.path.join(out_dir, "encoder_cache.npz"), progress)
+    t = stamp("encoder_cache", t)
+    _say("4/5 curriculum: stage1 (ASR, adaptor) -> stage2_warmup (ASR, + LoRA) -> stage2_multitask (all tasks)")
+    runs = os.path.join(out_dir, "runs")
+    stages = run_curriculum_cached(config, base_dir, corpus_dir, cache, runs, progress=progress)
+    t = stamp("curriculum", t)
+    plot_losses({s: os.path.join(runs, s, "metrics.jsonl") for s in config.order}, os.path.join(out_dir, "loss_curves.png"))
+    _say("5/5 evaluating every task on the test split")
+    final = os.path.join(runs, config.order[-1])
+    result = evaluate_demo(final, corpus_dir, cache, os.path.join(out_dir, "eval"), progress=progress)
+    plot_metrics(result["table"], result["baselines"], os.path.join(out_dir, "task_metrics.png"))
+    t = stamp("evaluation", t)
+
+    examples = _examples(result["paths"]["predictions"])
+    infer_cmd, infer_out = _infer_example(result["model"], final, corpus_dir)
+    summary = {
+        "out_dir": out_dir, "profile": profile, "seconds": round(time.time() - t0, 1), "timings": timings,
+        "corpus": {k: corpus.get(k) for k in ("counts", "total_audio_seconds", "vocabulary_size")},
+        "backbones": {k: backbones.get(k) for k in ("tokenizer_pieces", "max_rel_diff_vs_hf")},
+        "wavlm_pretraining": backbones.get("wavlm"), "t5_pretraining": backbones.get("t5"),
+        "stages": stages, "metrics": result["table"], "baselines": result["baselines"],
+        "examples": examples, "infer_example": {"command": infer_cmd, "output": infer_out},
+    }
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+    print()
+    print(open(result["paths"]["markdown"]).read())
+    print("A few predictions (seen instructions, free decoding):")
+    for e in examples:
+        print(f"  [{e['task']}] {e['audio']}\n      ref: {e['reference']}\n      hyp: {e['hypothesis']}")
+    print(f"\nTry it yourself:\n  {infer_cmd}\n  -> {infer_out}")
+    print(f"\nDemo finished in {summary['seconds']}s. Everything is in {out_dir}:")
+    print("  summary.json, eval/metrics.md, eval/predictions.jsonl, loss_curves.png, task_metrics.png, runs/, backbones/")
+    return summary
+
+
+def _examples(predictions_path: str, per_task: int = 1):
+    """The first `per_task` seen/free predictions of each task."""
+    rows, count = [], {}
+    with open(predictions_path) as f:
+        for line in f:
+            p = json.loads(line)
+            if p["setting"] == "seen/free" and count.get(p["task"], 0) < per_task:
+                count[p["task"]] = count.get(p["task"], 0) + 1
+                rows.append({k: p[k] for k in ("task", "audio", "instruction", "reference", "hypothesis")})
+    return rows
+
+
+def _infer_example(model, run_dir: str, corpus_dir: str):
+    from speechverse_jax.demo.corpus import read_rows
+
+    row = next(r for r in read_rows(os.path.join(corpus_dir, "test.jsonl")) if r["task"] == "asr")
+    audio = os.path.join(corpus_dir, row["audio"])
+    instruction = "Transcribe the preceding audio."
+    out = model.generate([audio], [instruction])[0]
+    cmd = f'speechverse-jax infer --checkpoint {run_dir} --audio {audio} --instruction "{instruction}"'
+    return cmd, out
