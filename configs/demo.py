@@ -15,8 +15,11 @@ from speechverse_jax import config_lib
 
 PROFILES = {
     # steps: WavLM CTC, T5 text pretraining, stage1, stage2_warmup, stage2_multitask
-    "full": dict(wavlm_steps=700, t5_steps=900, stage_steps=(300, 150, 900), batch_size=16, vocab=400),
-    "quick": dict(wavlm_steps=30, t5_steps=40, stage_steps=(8, 4, 12), batch_size=8, vocab=200),
+    "full": dict(wavlm_steps=600, t5_steps=400, stage_steps=(300, 150, 900), batch_size=16, vocab=400,
+                 wavlm_hidden=192, wavlm_layers=4, conv=64, t5_width=192, t5_layers=3,
+                 audio_buckets=(2.0, 4.0, 6.0)),
+    "quick": dict(wavlm_steps=20, t5_steps=30, stage_steps=(6, 4, 10), batch_size=8, vocab=200,
+                  wavlm_hidden=64, wavlm_layers=2, conv=32, t5_width=64, t5_layers=2, audio_buckets=(6.0,)),
 }
 
 
@@ -26,19 +29,21 @@ def get_config(profile="full"):
     config.profile = profile or "full"
     config.seed = 0
     config.backbones = dict(
-        wavlm=dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
-                   conv_dim=[64] * 7, conv_kernel=[10, 3, 3, 3, 3, 2, 2], conv_stride=[5, 2, 2, 2, 2, 2, 2],
+        wavlm=dict(hidden_size=p["wavlm_hidden"], num_hidden_layers=p["wavlm_layers"], num_attention_heads=4,
+                   intermediate_size=p["wavlm_hidden"] * 8 // 3, conv_dim=[p["conv"]] * 7, conv_kernel=[10, 3, 3, 3, 3, 2, 2], conv_stride=[5, 2, 2, 2, 2, 2, 2],
                    conv_bias=False, feat_extract_norm="layer", do_stable_layer_norm=True,
                    num_conv_pos_embeddings=32, num_conv_pos_embedding_groups=8, num_buckets=64,
                    max_bucket_distance=200),
-        t5=dict(d_model=192, d_kv=48, d_ff=512, num_layers=3, num_decoder_layers=3, num_heads=4,
+        t5=dict(d_model=p["t5_width"], d_kv=p["t5_width"] // 4, d_ff=p["t5_width"] * 8 // 3, num_layers=p["t5_layers"],
+                num_decoder_layers=p["t5_layers"], num_heads=4,
                 feed_forward_proj="gated-gelu", tie_word_embeddings=False, relative_attention_num_buckets=32,
                 relative_attention_max_distance=64, dropout_rate=0.1),
         vocab_size=p["vocab"],
         wavlm_steps=p["wavlm_steps"],
-        wavlm_batch=16,
+        wavlm_batch=8,
+        wavlm_max_seconds=4.0,  # CTC sees clips up to this long (about 96% of the corpus)
         t5_steps=p["t5_steps"],
-        t5_batch=32,
+        t5_batch=16,
     )
     config.order = list(config_lib.STAGES)
     for stage, steps in zip(config_lib.STAGES, p["stage_steps"]):
@@ -49,10 +54,10 @@ def get_config(profile="full"):
         s.model.lora.alpha = 16.0
         s.model.lora.dropout = 0.05
         s.train.log_every = max(steps // 50, 1)
-        s.train.eval_every = max(steps // 4, 1)
-        s.train.checkpoint_every = max(steps // 4, 1)
+        s.train.eval_every = max(steps // 3, 1)
+        s.train.checkpoint_every = max(steps // 3, 1)
         s.train.early_stopping_patience = 0  # fixed budgets on CPU
-        s.data.audio_buckets_seconds = (2.0, 4.0, 6.0)
+        s.data.audio_buckets_seconds = p["audio_buckets"]
         s.data.max_audio_seconds = 6.0
         s.data.instruction_buckets = (32, 64, 128, 256)
         s.data.target_buckets = (16, 32, 64)

@@ -23,7 +23,9 @@ def test_readme_api_example_runs(tiny_base, tmp_path, capsys):
 
     clip = tmp_path / "utt0.wav"
     sf.write(clip, (0.1 * np.sin(np.arange(12000) / 7.0)).astype(np.float32), 22050)  # resampled on load
-    code = _readme_block("api").replace("outputs/demo/base", tiny_base).replace("outputs/demo/audio/utt0.wav", str(clip))
+    code = _readme_block("api").replace("outputs/demo/backbones/base", tiny_base).replace(
+        "outputs/demo/corpus/audio/test/asr_00000.wav", str(clip))
+    assert tiny_base in code and str(clip) in code
     exec(compile(code, "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert re.search(r"\(3, \d+, 64\)", out), out  # 2 layers + 1 hidden states of width 64

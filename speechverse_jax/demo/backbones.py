@@ -88,6 +88,8 @@ def _run(loss_fn, params, batches: Callable[[int], Dict[str, np.ndarray]], steps
             if not math.isfinite(losses[-1]):
                 raise FloatingPointError(f"pretraining {name}: non-finite loss at step {i}")
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if not progress and i % max(steps // 10, 10) == 0:
+                log(f"{name} step {i}/{steps}: loss {losses[-1]:.3f} ({time.time() - t0:.0f}s)")
     report = PretrainReport(name, steps, round(time.time() - t0, 1), losses[0], float(np.mean(losses[-3:])))
     log(f"pretrained {name}: {steps} steps in {report.seconds}s, loss {report.first_loss:.3f} -> {report.last_loss:.3f}")
     return params, report
@@ -160,7 +162,7 @@ def _ctc_cer(model, params, batch, _transcripts) -> float:
 # -- the LLM ------------------------------------------------------------------------------------
 
 def pretrain_t5(cfg: T5Config, pairs: Sequence[Tuple[str, str]], tokenizer, steps: int, batch_size: int = 32,
-                max_input: int = 96, max_target: int = 48, lr: float = 3e-3, seed: int = 0,
+                max_input: int = 64, max_target: int = 32, lr: float = 3e-3, seed: int = 0,
                 progress: bool = True, log: Callable = print) -> Tuple[dict, PretrainReport]:
     """Text-to-text training of a fresh T5 on (input, target) pairs -> (params of `T5(cfg)`, report)."""
     eos = cfg.eos_token_id

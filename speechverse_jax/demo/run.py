@@ -81,7 +81,7 @@ def build_backbones(config, corpus_dir: str, out_dir: str, progress: bool = True
     wavlm_cfg = WavLMConfig.from_hf(cfg.wavlm.to_dict())
     wavlm_params, wavlm_report = bb.pretrain_wavlm(
         wavlm_cfg, clips, [r["transcript"] for r in speech], steps=int(cfg.wavlm_steps),
-        batch_size=int(cfg.wavlm_batch), max_samples=6 * 16000, seed=int(config.seed), progress=progress, log=_say)
+        batch_size=int(cfg.wavlm_batch), max_samples=int(cfg.wavlm_max_seconds * 16000), seed=int(config.seed), progress=progress, log=_say)
     export_wavlm(wavlm_cfg, wavlm_params, os.path.join(hf_dir, "wavlm"))
 
     pairs = bb.text_pairs(rows, lambda row, i: tasks.build_instruction(row["task"], row, i))
@@ -120,8 +120,8 @@ def encoder_cache(config, base_dir: str, corpus_dir: str, out_path: str, progres
     model_cfg = config_lib.build_model_config(config.stage1.model, wavlm_cfg, t5_cfg)
     params = checkpoints.load_base_params(base_dir)["wavlm"]
     manifests = [os.path.join(corpus_dir, f"{s}.jsonl") for s in ("train", "dev", "test")]
-    cache = build_cache(model_cfg, params, manifests, batch_size=16, bucket_seconds=(2.0, 4.0, 6.0),
-                        progress=progress)
+    cache = build_cache(model_cfg, params, manifests, batch_size=16,
+                        bucket_seconds=tuple(config.stage1.data.audio_buckets_seconds), progress=progress)
     cache.save(out_path)
     return cache
 
@@ -148,16 +148,19 @@ def run_curriculum_cached(config, base_dir: str, corpus_dir: str, cache, workdir
     return run_curriculum(config, workdir, progress=progress, data_factory=data_factory)
 
 
-def evaluate_demo(run_dir: str, corpus_dir: str, cache, out_dir: str, progress: bool = True) -> Dict[str, Any]:
-    """Every task on the test split: seen / unseen instructions, free / constrained, joint for IC."""
+def evaluate_demo(run_dir: str, corpus_dir: str, cache, out_dir: str, profile: str = "full",
+                  progress: bool = True) -> Dict[str, Any]:
+    """Every task on the test split: seen / unseen instructions (full profile), free and constrained
+    decoding, and joint decoding for IC."""
     from speechverse_jax.api import SpeechVerseModel
     from speechverse_jax.demo.corpus import baselines
     from speechverse_jax.eval.evaluate import EvalSetting, evaluate, write_reports
 
     model = SpeechVerseModel.from_run(run_dir)
     test = [os.path.join(corpus_dir, "test.jsonl")]
-    settings = [EvalSetting("seen"), EvalSetting("unseen"), EvalSetting("seen", constrained=True),
-                EvalSetting("unseen", constrained=True)]
+    settings = [EvalSetting("seen"), EvalSetting("seen", constrained=True)]
+    if profile == "full":
+        settings += [EvalSetting("unseen"), EvalSetting("unseen", constrained=True)]
     predictions, table = evaluate(model, test, settings, cache=cache, progress=progress)
     joint_preds, joint_table = evaluate(model, test, [EvalSetting("seen", joint=True)], tasks=["ic"], cache=cache,
                                         progress=progress)
@@ -244,7 +247,7 @@ def run_demo(out_dir: str = "outputs/demo", profile: str = "full", progress: boo
     plot_losses({s: os.path.join(runs, s, "metrics.jsonl") for s in config.order}, os.path.join(out_dir, "loss_curves.png"))
     _say("5/5 evaluating every task on the test split")
     final = os.path.join(runs, config.order[-1])
-    result = evaluate_demo(final, corpus_dir, cache, os.path.join(out_dir, "eval"), progress=progress)
+    result = evaluate_demo(final, corpus_dir, cache, os.path.join(out_dir, "eval"), profile, progress=progress)
     plot_metrics(result["table"], result["baselines"], os.path.join(out_dir, "task_metrics.png"))
     t = stamp("evaluation", t)
 

@@ -59,11 +59,12 @@ def stage_configs(config) -> Dict[str, Any]:
     for name in config.order:
         stage = copy.deepcopy(config[name])
         with stage.unlocked():
-            if config.base_checkpoint:
+            if config.get("base_checkpoint"):
                 stage.base_checkpoint = config.base_checkpoint
+            shared = config.get("data") or {}
             for key in ("train_manifests", "eval_manifests", "tokenizer"):
-                if config.data.get(key):
-                    stage.data[key] = config.data[key]
+                if shared.get(key):
+                    stage.data[key] = shared[key]
             if previous is not None and not stage.train.init_from:
                 stage.train.init_from = previous
         out[name] = stage
