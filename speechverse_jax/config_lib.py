@@ -6,6 +6,7 @@ override what differs. `model_config` returns the `config.model` section.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import ml_collections
@@ -38,6 +39,7 @@ def model_config(
             lora=dict(rank=lora_rank, alpha=2.0 * max(lora_rank, 1), dropout=0.05, target_regex=DEFAULT_LORA_TARGETS),
             dtype="float32",
             frozen_param_dtype="float32",
+            t5_dropout_rate=-1.0,  # dropout inside the frozen T5 while training; -1 = the checkpoint's (0.1 for Flan-T5)
         )
     )
 
@@ -56,6 +58,11 @@ def build_model_config(
         if model.t5_preset not in presets.T5:
             raise ValueError(f"model.t5_preset must be one of {sorted(presets.T5)}, got {model.t5_preset!r}")
         t5_cfg = T5Config.from_hf(presets.T5[model.t5_preset])
+    dropout = float(model.get("t5_dropout_rate", -1.0))
+    if dropout >= 1.0:
+        raise ValueError(f"model.t5_dropout_rate must be < 1 (or -1 for the checkpoint's), got {dropout}")
+    if dropout >= 0:
+        t5_cfg = dataclasses.replace(t5_cfg, dropout_rate=dropout)
     lora = None
     if model.lora.rank < 0:
         raise ValueError(f"model.lora.rank must be >= 0, got {model.lora.rank}")

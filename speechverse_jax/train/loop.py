@@ -165,6 +165,12 @@ def _audio_seconds(batch) -> float:
     return 0.0
 
 
+def _target_tokens(batch) -> float:
+    """Target tokens of the real (not masked-out) rows of a host batch."""
+    rows = np.asarray(batch.get("example_mask", True))[..., None]
+    return float((np.asarray(batch["target_mask"]) & rows).sum())
+
+
 def evaluate(setup: Setup, params_trainable, data: TrainData, eval_fn) -> Dict[str, float]:
     """Token-weighted validation loss, overall and per task."""
     n = len(data.task_names)
@@ -242,17 +248,18 @@ def train(config, workdir: str, data: TrainData, mesh=None, progress: bool = Tru
                 window = {"audio_s": 0.0, "tokens": 0.0, "t0": time.time(), "steps": 0}
             else:
                 window["audio_s"] += _audio_seconds(batch)
+                window["tokens"] += _target_tokens(batch)
                 window["steps"] += 1
             if step % int(tcfg.log_every) == 0 or step == max_steps:
                 m = jax.device_get(metrics)
-                window["tokens"] += float(m["target_tokens"])
                 elapsed = max(time.time() - window["t0"], 1e-9)
                 record = {
                     "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
                     "learning_rate": float(m["learning_rate"]), "skipped_steps": int(m["skipped_steps"]),
-                    "step_time_s": elapsed / max(window["steps"], 1),
-                    "audio_seconds_per_s": window["audio_s"] / elapsed,
                 }
+                if window["steps"]:  # (the first step's time is compilation: reported once above)
+                    record.update(step_time_s=elapsed / window["steps"], audio_seconds_per_s=window["audio_s"] / elapsed,
+                                  target_tokens_per_s=window["tokens"] / elapsed)
                 for i, name in enumerate(data.task_names):
                     if m["task_tokens"][i]:
                         record[f"loss/{name}"] = float(m["task_nll"][i] / m["task_tokens"][i])
