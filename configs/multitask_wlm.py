@@ -1,21 +1,12 @@
-"""The paper's Multitask-WLM model: WavLM-Large (last layer) + conv 2x[k3, s2] + Flan-T5-XL, LoRA r16 on q,v.
+"""The paper's full-size model: WavLM-Large + conv 2x[k3, s2] + Flan-T5-XL with LoRA r16 on q, v.
 
-Shapes only for now (Table 11: 2.9B params, 28.3M trainable):
-    python -c "from configs.multitask_wlm import get_config; print(get_config())"
-Stage configs of the curriculum build on this model section.
+`arg` picks the layer combination: "wlm" (default, Multitask-WLM: the last layer) or "weighted"
+(the Best-RQ recipe's learnable weighted sum of all layers, Eq. 1). Used for shape checks and
+compile-only runs (Table 11: 28.3M trainable); the curriculum's stage configs share this model.
 """
-
-import ml_collections
 
 from speechverse_jax import config_lib
 
 
 def get_config(arg=None):
-    del arg
-    config = ml_collections.ConfigDict()
-    config.model = config_lib.model_config(wavlm="wavlm-large", t5="flan-t5-xl", layer_combination="last",
-                                           strides=(2, 2), lora_rank=16)
-    config.model.dtype = "bfloat16"
-    config.model.frozen_param_dtype = "bfloat16"
-    config.base_checkpoint = ""  # folder written by `speechverse-jax convert`
-    return config
+    return config_lib.paper_stage_config("stage2_multitask", arg)

@@ -1,6 +1,5 @@
 """The composed model: full-size shapes (paper Table 11), padding invariance, the loss."""
 
-import importlib.util
 import os
 
 import flax.linen as nn
@@ -27,11 +26,8 @@ from speechverse_jax.models.wavlm import WavLMConfig
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_config(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+def load_config(name, arg=None):
+    return config_lib.load_config_file(os.path.join(REPO, "configs", f"{name}.py"), arg)
 
 
 def _count(tree):
@@ -79,7 +75,7 @@ def test_full_size_multitask_wlm_counts_match_hf_and_the_paper():
 
 
 def test_brq_style_config_adds_one_weight_per_layer():
-    cfg = config_lib.build_model_config(load_config("multitask_brq_like").model)
+    cfg = config_lib.build_model_config(load_config("multitask_wlm", "weighted").model)
     shapes = nn.unbox(jax.eval_shape(lambda r: init_params(cfg, r), jax.random.PRNGKey(0)))
     assert shapes["layer_weights"]["weights"].shape == (24,)
 
