@@ -2,6 +2,7 @@
 
     python bench/loader_throughput.py                       # generated manifest, default settings
     python bench/loader_throughput.py --workers 2 --threads 2 --batches 40
+    python bench/loader_throughput.py --train-step full    # also time the demo model's train step
 
 Per core = work done / CPU seconds spent (this process plus its worker processes), so it does not
 depend on how many cores the machine lends. To set it next to the train step, call
@@ -99,6 +100,48 @@ def measure_loader(data_config, num_batches: int = 30, warmup: int = 2, tokenize
     }
 
 
+def train_step_consumption(profile: str = "full", batch_size: int = 16, seconds: float = 4.0,
+                           steps: int = 5) -> Dict[str, float]:
+    """Audio seconds per wall second that the demo model's stage-2 train step consumes on this
+    machine (from raw audio: WavLM forward + adaptor + T5 with LoRA, forward and backward)."""
+    import flax.linen as nn
+    import jax
+
+    from speechverse_jax import config_lib
+    from speechverse_jax.data.synthetic import random_batch
+    from speechverse_jax.demo.run import demo_config
+    from speechverse_jax.models.speechverse import SpeechVerse, init_params
+    from speechverse_jax.models.t5 import T5Config
+    from speechverse_jax.models.wavlm import WavLMConfig
+    from speechverse_jax.train import optimizer as opt_lib
+    from speechverse_jax.train.step import init_state, make_train_step
+
+    demo = demo_config(profile)
+    vocab = 448 if profile == "full" else 256
+    model_cfg = config_lib.build_model_config(
+        demo.stage2_multitask.model, WavLMConfig.from_hf(demo.backbones.wavlm.to_dict()),
+        T5Config.from_hf(dict(demo.backbones.t5.to_dict(), vocab_size=vocab)))
+    params = nn.unbox(init_params(model_cfg, jax.random.PRNGKey(0)))
+    labels = opt_lib.label_params(params, [tuple(r) for r in demo.stage2_multitask.train.param_rules])
+    trainable, frozen = opt_lib.split(params, labels)
+    tx, schedule = opt_lib.make_optimizer(demo.stage2_multitask.optim)
+    state = init_state(trainable, tx, 0)
+    step = jax.jit(make_train_step(SpeechVerse(model_cfg), tx, schedule), donate_argnums=(0,))
+    batch = random_batch(0, batch_size, int(seconds * 16000), 64, 32, vocab, min_fraction=1.0)
+    t0 = time.perf_counter()
+    state, m = step(state, frozen, batch)
+    jax.block_until_ready(m["loss"])
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, m = step(state, frozen, batch)
+    jax.block_until_ready(m["loss"])
+    step_s = (time.perf_counter() - t0) / steps
+    return {"train_step_seconds": step_s, "train_step_compile_seconds": compile_s,
+            "train_step_audio_seconds_per_s": batch_size * seconds / step_s,
+            "train_step_batch": batch_size, "train_step_clip_seconds": seconds}
+
+
 def main(argv=None) -> Dict[str, float]:
     from speechverse_jax.data.pipeline import default_data_config
 
@@ -110,6 +153,8 @@ def main(argv=None) -> Dict[str, float]:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-seconds", type=float, default=15.0)
     ap.add_argument("--dir", default="", help="where to write the generated clips (default: a temp folder)")
+    ap.add_argument("--train-step", default="", choices=("", "full", "quick"),
+                    help="also time the demo model's train step (from raw audio) in the same run")
     args = ap.parse_args(argv)
     work = args.dir or tempfile.mkdtemp(prefix="loader_bench_")
     made = make_manifest(work, args.examples, max_seconds=args.max_seconds)
@@ -121,6 +166,9 @@ def main(argv=None) -> Dict[str, float]:
     cfg.shard_index, cfg.shard_count = 0, 1
     result = measure_loader(cfg, args.batches)
     result["cores_available"] = len(os.sched_getaffinity(0))
+    if args.train_step:
+        result.update(train_step_consumption(args.train_step, batch_size=args.batch_size))
+        result["loader_over_train_step"] = result["audio_seconds_per_s"] / result["train_step_audio_seconds_per_s"]
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}, indent=1))
     return result
 
