@@ -20,11 +20,13 @@ MAX_NEW = 14
 ENC_LENGTHS = (20, 7, 13, 20, 3, 16)  # 6 rows: padded to a bucket of 8 inside `generate`
 
 
-def _save_with_eos_bias(folder, flan, seed, eos_scale):
-    """A tiny HF T5 whose EOS output row is scaled, so EOS comes mid-sequence in some rows only."""
+def _save_varied(folder, flan, seed, eos_scale, embed_scale=1.0):
+    """A tiny HF T5 whose outputs vary: EOS output row scaled so EOS comes mid-sequence in some rows
+    only; tied (v1) models also get a smaller embedding, else they repeat their input token."""
     hf_tiny.save_t5(folder, flan=flan, seed=seed)
     model = transformers.T5ForConditionalGeneration.from_pretrained(folder).eval()
     with torch.no_grad():
+        model.shared.weight *= embed_scale
         model.lm_head.weight[EOS] *= eos_scale  # tied models: this is the shared embedding row
     model.save_pretrained(folder)
     return folder
@@ -34,8 +36,8 @@ def _save_with_eos_bias(folder, flan, seed, eos_scale):
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen")
     out = {}
-    for name, flan, seed in (("flan", True, 0), ("v1", False, 1)):
-        folder = _save_with_eos_bias(str(root / name), flan, seed, eos_scale=3.0)
+    for name, flan, seed, eos_scale, embed_scale in (("flan", True, 0, 3.0, 1.0), ("v1", False, 1, 2.0, 0.05)):
+        folder = _save_varied(str(root / name), flan, seed, eos_scale, embed_scale)
         cfg, params = convert_t5(HFCheckpoint(folder))
         hf = transformers.T5ForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
         out[name] = (T5(cfg), params, hf)
@@ -58,11 +60,10 @@ def _until_eos(row):
 
 
 def _hf_generate(hf, inputs, **kw):
-    embeds, mask = inputs
+    embeds, mask = (torch.from_numpy(x) for x in (inputs[0], inputs[1].astype(np.int64)))
     with torch.no_grad():
-        out = hf.generate(inputs_embeds=torch.from_numpy(embeds), attention_mask=torch.from_numpy(mask.astype(np.int64)),
-                          do_sample=False, max_new_tokens=MAX_NEW, return_dict_in_generate=True, output_scores=True,
-                          **kw)
+        out = hf.generate(inputs_embeds=embeds, attention_mask=mask, do_sample=False, max_new_tokens=MAX_NEW,
+                          return_dict_in_generate=True, output_scores=True, **kw)
     seqs = [_until_eos(r[1:]) for r in out.sequences.numpy()]  # drop the decoder start token
     return seqs, (None if out.get("sequences_scores") is None else out.sequences_scores.numpy())
 
@@ -105,11 +106,12 @@ def test_greedy_matches_hf(style, models, inputs):
                                        rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("style,length_penalty", [("flan", 0.6), ("v1", 2.0)])
-def test_beam_search_matches_hf(style, length_penalty, models, inputs):
+@pytest.mark.parametrize("style,length_penalty,min_new", [("flan", 1.2, 0), ("v1", 0.6, 0), ("v1", 2.0, 3)])
+def test_beam_search_matches_hf(style, length_penalty, min_new, models, inputs):
     model, params, hf = models[style]
-    ref, ref_scores = _hf_generate(hf, inputs, num_beams=4, length_penalty=length_penalty, early_stopping=False)
-    cfg = GenerateConfig(MAX_NEW, num_beams=4, length_penalty=length_penalty)
+    ref, ref_scores = _hf_generate(hf, inputs, num_beams=4, length_penalty=length_penalty, early_stopping=False,
+                                   min_new_tokens=min_new)
+    cfg = GenerateConfig(MAX_NEW, num_beams=4, length_penalty=length_penalty, min_new_tokens=min_new)
     ours, scores, enc = _ours(model, params, inputs, cfg)
     print(style, ours)
     assert ours == ref
@@ -117,7 +119,7 @@ def test_beam_search_matches_hf(style, length_penalty, models, inputs):
     lengths = np.array([len(s) for s in ours])
     np.testing.assert_allclose(scores, _teacher_forced_logprob(model, params, enc, inputs[1], ours)
                                / lengths ** length_penalty, rtol=1e-4, atol=1e-5)
-    assert lengths.min() < MAX_NEW  # some hypotheses end with EOS
+    assert lengths.min() < MAX_NEW and lengths.max() == MAX_NEW  # EOS mid-way in some rows only
     greedy, _, _ = _ours(model, params, inputs, GenerateConfig(MAX_NEW))
     assert ours != greedy  # beam search is doing something
 

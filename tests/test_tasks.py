@@ -14,7 +14,7 @@ def test_registry_covers_the_paper():
     metrics = {n: T.metric_name(n) for n in T.TASK_NAMES}
     assert metrics == {"asr": "wer", "st": "bleu", "ic": "accuracy", "sf": "slu_f1", "kwe": "macro_f1",
                        "kws": "accuracy", "er": "uar", "asc": "uar", "sc": "uar", "ac": "uar", "sns": "uar",
-                       "open": "none"}
+                       "open": "exact_match"}
     for name, task in T.TASKS.items():
         assert len(set(task.prompts)) >= 15, name
         assert len(set(task.unseen_prompts)) >= 3, name

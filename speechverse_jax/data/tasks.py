@@ -451,7 +451,7 @@ TASKS: Dict[str, Task] = {
                "indian": "Indian English", "australian": "Australian English", "canadian": "Canadian English"}),
         _task("sns", "speech or non-speech", "Speech", "uar", "classification", _SNS, _SNS_UNSEEN,
               {"speech": "someone is talking", "non-speech": "no one is talking"}),
-        _task("open", "open-ended spoken instruction", "Answer", "none", "text", _OPEN, _OPEN_UNSEEN),
+        _task("open", "open-ended spoken instruction", "Answer", "exact_match", "text", _OPEN, _OPEN_UNSEEN),
     )
 }
 TASK_NAMES: Tuple[str, ...] = tuple(TASKS)  # the order behind `task_id`

@@ -18,8 +18,8 @@ decoding starts in `START`. Array sizes are padded to powers of two to bound rec
 Two automata:
   * `label_constraint`: the output is exactly one label, then EOS (classification tasks).
   * `slot_constraint`: `none`, or `label = value; label = value;` with labels from the set and
-    values free (SF): label trie -> separator tokens -> value (>= 1 token, no EOS) until a token
-    ending in ';' -> another label or EOS.
+    values free (SF): label trie -> separator tokens -> value (>= 1 non-space token, no EOS) until
+    a token ending in ';' -> another label or EOS.
 
 Limits (sentencepiece): only the canonical tokenization of each label (`encode(label)`) is
 allowed, not every segmentation of the same string; labels are tokenized on their own, which
@@ -112,7 +112,7 @@ class _Automaton:
         return Constraint(jnp.asarray(default), jnp.asarray(tokens), jnp.asarray(nexts))
 
 
-def _encode_all(labels: Sequence[str], encode: Encode) -> List[Tuple[str, List[int]]]:
+def _encode_all(labels: Sequence[str], encode: Encode) -> List[List[int]]:
     if not labels:
         raise ValueError("constraint: the label set is empty")
     out = []
@@ -120,7 +120,7 @@ def _encode_all(labels: Sequence[str], encode: Encode) -> List[Tuple[str, List[i
         ids = [int(i) for i in encode(label)]
         if not ids:
             raise ValueError(f"constraint: label {label!r} encodes to no tokens")
-        out.append((label, ids))
+        out.append(ids)
     return out
 
 
@@ -130,7 +130,7 @@ def label_constraint(labels: Sequence[str], encode: Encode, eos_id: int) -> Cons
     encode: text -> token ids without EOS, as targets are tokenized (see `tokenizer_fns`).
     """
     a = _Automaton()
-    for _, ids in _encode_all(labels, encode):
+    for ids in _encode_all(labels, encode):
         a.add_edge(a.add_path(START, ids), eos_id, DONE)
     return a.freeze()
 
@@ -143,19 +143,21 @@ def slot_constraint(slot_labels: Sequence[str], encode: Encode, pieces: Sequence
     hold ';'.
     """
     a = _Automaton()
-    a.add_edge(a.add_path(START, encode(none_text)), eos_id, DONE)
+    a.add_edge(a.add_path(START, _encode_all([none_text], encode)[0]), eos_id, DONE)
     labels_root = a.new_state()  # a template: START and `after_value` copy its edges
     value = a.new_state()  # inside a value: any token stays here by default
     a.default[value] = value
     value_empty = a.new_state(default=value)  # right after the separator: the value needs a token
     after_value = a.new_state()
-    sep = [int(i) for i in encode(separator)]
-    for _, ids in _encode_all(slot_labels, encode):
+    sep = _encode_all([separator], encode)[0]
+    for ids in _encode_all(slot_labels, encode):
         a.add_path(a.add_path(labels_root, ids), sep, end=value_empty)
     for s in (value_empty, value):
         a.add_edge(s, eos_id, -1)
         a.add_edge(s, pad_id, -1)
     for tok, piece in enumerate(pieces):
+        if piece and not piece.strip("\u2581 "):  # a bare space piece is not yet a value
+            a.add_edge(value_empty, tok, value_empty)
         if piece and ";" in piece:
             closes = piece.endswith(";") and piece.count(";") == 1
             a.add_edge(value_empty, tok, -1)

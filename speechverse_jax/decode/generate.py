@@ -10,6 +10,7 @@ output and its mask; the decoder then reads cross-attention keys/values from the
     out.tokens   # int32 [b, max_new_tokens]: generated ids (EOS included), pad after EOS
     out.lengths  # int32 [b]: generated tokens, EOS included
     out.scores   # float32 [b]: greedy: sum of log-probs; beam: sum of log-probs / lengths ** length_penalty
+    texts(tokenizer, out)                                      # -> list of strings
 
 Semantics follow Hugging Face `generate` (transformers 5), which the parity tests check token for
 token: greedy = argmax of the (processed) logits; beam search = HF's vectorised beam search with
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -142,6 +143,17 @@ def _gather(x: jax.Array, idx: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
+def _reorder_cache(cache: Dict[str, Any], rows: jax.Array) -> Dict[str, Any]:
+    """Gather the self-attention keys/values along the batch axis (`rows` [b * k]). The other leaves
+    (cross-attention keys/values, encoder mask, index) are the same for every beam of an example,
+    and beams never move across examples, so they stay where they are."""
+
+    def move(path, x):
+        return jnp.take(x, rows, axis=0) if path[-1].key in ("self_k", "self_v") else x
+
+    return jax.tree_util.tree_map_with_path(move, cache)
+
+
 def beam_search(step: StepFn, cache: Dict[str, Any], cfg: GenerateConfig, special: SpecialTokens,
                 constraint: Optional[Constraint] = None) -> Generated:
     """Beam search with k = cfg.num_beams. `cache` has batch b * k (each row repeated k times, adjacent)."""
@@ -189,7 +201,7 @@ def beam_search(step: StepFn, cache: Dict[str, Any], cfg: GenerateConfig, specia
         run_scores, run_idx = jax.lax.top_k(jnp.where(ended, top_scores + NEG, top_scores), k)
         beam_src = _gather(src, run_idx)
         flat_src = (jnp.arange(b)[:, None] * k + beam_src).reshape(b * k)
-        cache = jax.tree_util.tree_map(lambda x: jnp.take(x, flat_src, axis=0), cache)
+        cache = _reorder_cache(cache, flat_src)
 
         # Finished pool: only the top k candidates may enter, and only while the row is open.
         enters = ended & (jnp.arange(wide) < k)[None] & s["open"][:, None]
@@ -270,3 +282,9 @@ def generate(model: T5, params: Any, encoder_hidden: jax.Array, encoder_mask: ja
 def speechverse_t5(sv_cfg: SpeechVerseConfig) -> T5:
     """The T5 module inside `SpeechVerse(sv_cfg)` (same LoRA and dtypes), to decode with `params['t5']`."""
     return T5(sv_cfg.t5, lora=sv_cfg.lora, dtype=sv_cfg.compute_dtype, param_dtype=DTYPES[sv_cfg.frozen_param_dtype])
+
+
+def texts(tokenizer, out: Generated) -> List[str]:
+    """Generated ids -> strings (special tokens dropped) with a Hugging Face tokenizer."""
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    return tokenizer.batch_decode([row[:n].tolist() for row, n in zip(tokens, lengths)], skip_special_tokens=True)
