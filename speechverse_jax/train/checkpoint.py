@@ -19,7 +19,8 @@ import orbax.checkpoint as ocp
 from speechverse_jax import fs
 
 
-def _abs(path: str) -> str:
+def abs_path(path: str) -> str:
+    """Absolute local path; remote (gs://) paths unchanged (orbax wants absolute paths)."""
     return str(path) if "://" in str(path) else os.path.abspath(str(path))
 
 
@@ -38,7 +39,7 @@ def _from_json_state(data_state: Any) -> Any:
 
 class Checkpointer:
     def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
-        self.workdir = _abs(workdir)
+        self.workdir = abs_path(workdir)
         make = lambda sub, n: ocp.CheckpointManager(  # noqa: E731
             os.path.join(self.workdir, sub),
             options=ocp.CheckpointManagerOptions(max_to_keep=n, create=True, enable_async_checkpointing=async_save),
@@ -80,7 +81,7 @@ def restore(directory: str, abstract_state: Any, step: Optional[int] = None) -> 
 
     `abstract_state` (arrays or ShapeDtypeStructs with shardings) decides where the arrays land.
     """
-    directory = _abs(directory)
+    directory = abs_path(directory)
     with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False)) as mgr:
         step = mgr.latest_step() if step is None else step
         if step is None:
@@ -95,7 +96,7 @@ def restore(directory: str, abstract_state: Any, step: Optional[int] = None) -> 
 
 def read_meta(directory: str, step: Optional[int] = None) -> Tuple[int, dict]:
     """(step, meta) of a checkpoint without touching its arrays."""
-    directory = _abs(directory)
+    directory = abs_path(directory)
     with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False)) as mgr:
         step = mgr.latest_step() if step is None else step
         if step is None:
@@ -106,7 +107,7 @@ def read_meta(directory: str, step: Optional[int] = None) -> Tuple[int, dict]:
 
 def write_config(workdir: str, config) -> str:
     """The resolved config next to the checkpoints (also stored in every checkpoint's meta)."""
-    path = os.path.join(_abs(workdir), "config.json")
-    fs.makedirs(_abs(workdir))
+    path = os.path.join(abs_path(workdir), "config.json")
+    fs.makedirs(abs_path(workdir))
     fs.write_text(path, config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort") else json.dumps(config, indent=2))
     return path

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from typing import Any, Dict, Optional
 
 import jax
 
+from speechverse_jax import fs
 from speechverse_jax.train.loop import TrainData, train
 
 DONE = "DONE.json"
@@ -47,8 +47,7 @@ def run_stage(config, workdir: str, data: Optional[TrainData] = None, progress: 
     data = data if data is not None else make_data(config)
     out = train(config, workdir, data, progress=progress)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, DONE), "w") as f:
-            json.dump(out["summary"], f, indent=2, default=str)
+        fs.write_text(f"{workdir}/{DONE}", json.dumps(out["summary"], indent=2, default=str))
     return out["summary"]
 
 
@@ -75,14 +74,13 @@ def stage_configs(config) -> Dict[str, Any]:
 def run_curriculum(config, workdir: str, progress: bool = True, data_factory=make_data) -> Dict[str, Any]:
     summaries = {}
     for name, stage in stage_configs(config).items():
-        stage_dir = os.path.join(workdir, name)
+        stage_dir = f"{workdir.rstrip('/')}/{name}"
         if stage.train.init_from in config.order:
             with stage.unlocked():
-                stage.train.init_from = os.path.join(workdir, stage.train.init_from)
-        done = os.path.join(stage_dir, DONE)
-        if os.path.exists(done):
-            with open(done) as f:
-                summaries[name] = json.load(f)
+                stage.train.init_from = f"{workdir.rstrip('/')}/{stage.train.init_from}"
+        done = f"{stage_dir}/{DONE}"
+        if fs.exists(done):
+            summaries[name] = json.loads(fs.read_text(done))
             print(f"[curriculum] {name}: already finished ({summaries[name].get('stop_reason')}), skipped")
             continue
         print(f"[curriculum] {name}: starting in {stage_dir}"

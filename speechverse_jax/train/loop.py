@@ -139,7 +139,7 @@ def previous_stage_params(path: str, prefer: str = "best") -> Dict[str, np.ndarr
             step, _ = ckpt_lib.read_meta(c)
         except (FileNotFoundError, ValueError, OSError):
             continue
-        with ocp.CheckpointManager(os.path.abspath(c), options=ocp.CheckpointManagerOptions(create=False)) as mgr:
+        with ocp.CheckpointManager(ckpt_lib.abs_path(c), options=ocp.CheckpointManagerOptions(create=False)) as mgr:
             state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
         return _flat(state["params"])
     raise FileNotFoundError(f"{path}: no checkpoint under {candidates}")
@@ -292,6 +292,7 @@ def train(config, workdir: str, data: TrainData, mesh=None, progress: bool = Tru
                 say(f"step {step}: val loss {val['loss']:.4f} (best {best_val:.4f})")
             if step % int(tcfg.checkpoint_every) == 0 or step == max_steps or improved:
                 checkpointer.save(step, state, data_iter.get_state(), meta({"step": step}), best=improved)
+                writer.sync()
             patience = int(tcfg.get("early_stopping_patience", 0))
             if is_eval and patience and evals_without_improvement >= patience:
                 stop_reason = f"early stopping: no val improvement in {patience} evaluations"

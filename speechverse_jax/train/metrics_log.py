@@ -20,20 +20,29 @@ def _plain(v):
 
 
 class MetricsWriter:
-    """Writes on process 0 only; every record carries `step` and a `kind` (train / eval / event)."""
+    """Writes on process 0 only; every record carries `step` and a `kind` (train / eval / event).
+
+    A remote run folder (gs://...) gets its files through a local mirror that `sync()` copies up
+    (at every checkpoint and at the end), since object stores cannot append.
+    """
 
     def __init__(self, workdir: str, tensorboard: bool = True):
+        import tempfile
+
         self.enabled = jax.process_index() == 0
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.workdir = str(workdir)
+        self.remote = "://" in self.workdir
+        local = tempfile.mkdtemp(prefix="speechverse-metrics-") if self.remote else self.workdir
+        self.path = os.path.join(local, "metrics.jsonl")
         self._tb = None
         if self.enabled:
-            os.makedirs(workdir, exist_ok=True)
+            os.makedirs(local, exist_ok=True)
             self._file = open(self.path, "a", buffering=1)
             if tensorboard:
                 try:
                     from tensorboardX import SummaryWriter
 
-                    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                    self._tb = SummaryWriter(os.path.join(self.workdir, "tensorboard"))
                 except ImportError:  # pragma: no cover
                     self._tb = None
 
@@ -47,9 +56,18 @@ class MetricsWriter:
                 if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool):
                     self._tb.add_scalar(f"{kind}/{k}", float(v), int(step))
 
+    def sync(self) -> None:
+        """Copy the JSONL up to a remote run folder (no-op for a local one)."""
+        if self.enabled and self.remote:
+            from speechverse_jax import fs
+
+            self._file.flush()
+            fs.copy(self.path, f"{self.workdir}/metrics.jsonl")
+
     def close(self) -> None:
         if self.enabled:
             self._file.close()
+            self.sync()
             if self._tb is not None:
                 self._tb.close()
 
