@@ -172,7 +172,8 @@ def evaluate_demo(run_dir: str, corpus_dir: str, cache, out_dir: str, profile: s
 
 
 def plot_metrics(table: Dict[str, Any], baselines_: Dict[str, Any], out_png: str) -> str:
-    """One bar per task: the seen/free score next to the best baseline (error rates flipped)."""
+    """Per task: seen-instruction score with free and with constrained decoding, next to the best
+    chance / majority baseline. Metrics are in percent; WER is drawn as 100 - WER (floored at 0)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,25 +181,28 @@ def plot_metrics(table: Dict[str, Any], baselines_: Dict[str, Any], out_png: str
 
     from speechverse_jax.data import tasks as tasks_lib
 
-    names, ours, base = [], [], []
+    names, free, constrained, base = [], [], [], []
     for task in sorted(table):
         metric = tasks_lib.get_task(task).metric
-        scores = table[task].get("seen/free", {})
-        if metric not in scores:
+        if metric not in table[task].get("seen/free", {}):
             continue
-        b = baselines_.get(task, {})
-        numeric = [v for k, v in b.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "num_labels"]
         flip = metric == "wer"
-        names.append(f"{task}\n({'1 - WER' if flip else metric})")
-        ours.append(1 - scores[metric] if flip else scores[metric])
-        base.append((1 - min(numeric)) if flip and numeric else (max(numeric) if numeric else 0.0))
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 4))
+        score = lambda v: max(0.0, 100.0 - v) if flip else v  # noqa: E731
+        b = [v for k, v in baselines_.get(task, {}).items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "num_labels"]
+        names.append(f"{task}\n({'100 - WER' if flip else metric})")
+        free.append(score(table[task]["seen/free"][metric]))
+        constrained.append(score(table[task].get("seen/constrained", {}).get(metric, float("nan"))))
+        base.append(100.0 * ((1 - min(b)) if flip else max(b)) if b else 0.0)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names)), 4))
     x = np.arange(len(names))
-    ax.bar(x - 0.2, ours, 0.4, label="SpeechVerse demo (seen instructions, free decoding)")
-    ax.bar(x + 0.2, base, 0.4, label="chance / majority baseline", color="lightgray")
+    ax.bar(x - 0.27, free, 0.27, label="free decoding")
+    ax.bar(x, constrained, 0.27, label="constrained decoding")
+    ax.bar(x + 0.27, base, 0.27, label="chance / majority baseline", color="lightgray")
     ax.set_xticks(x, names, fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("score (higher is better)")
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("score, % (higher is better)")
+    ax.set_title("test split, seen instructions", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

@@ -155,7 +155,8 @@ def write_reports(out_dir: str, predictions: Sequence[Dict[str, Any]], table: Di
 
 
 def markdown_table(table: Dict[str, Any], baselines: Optional[Dict[str, Any]] = None) -> str:
-    lines = ["| task | metric | setting | score | malformed | baseline | examples |", "|---|---|---|---|---|---|---|"]
+    lines = ["| task | metric (%) | setting | score | malformed (%) | baseline (%) | examples |",
+             "|---|---|---|---|---|---|---|"]
     for task in sorted(table):
         metric = tasks_lib.get_task(task).metric
         base = _baseline_text(task, (baselines or {}).get(task))
@@ -172,9 +173,9 @@ def markdown_table(table: Dict[str, Any], baselines: Optional[Dict[str, Any]] = 
 
 
 def _baseline_text(task: str, b: Optional[Dict[str, Any]]) -> str:
-    """The numeric entries of a baseline dict, e.g. 'majority accuracy 0.089, chance 0.100'."""
+    """The numeric entries of a baseline dict (fractions) in percent, like the metrics."""
     if not b:
         return "-"
-    parts = [f"{k.replace('_', ' ')} {v:.3f}" for k, v in b.items()
+    parts = [f"{k.replace('_', ' ')} {100.0 * v:.1f}" for k, v in b.items()
              if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "num_labels"]
     return ", ".join(parts) or "-"

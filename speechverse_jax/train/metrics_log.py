@@ -86,14 +86,18 @@ def plot_losses(metrics_paths: Dict[str, str], out_png: str) -> str:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    offset = 0  # runs given in order (curriculum stages) are drawn one after another
     for name, path in metrics_paths.items():
         train = read_metrics(path, "train")
         evals = read_metrics(path, "eval")
         if train:
-            ax.plot([r["step"] for r in train], [r["loss"] for r in train], label=f"{name} train")
+            ax.plot([offset + r["step"] for r in train], [r["loss"] for r in train], label=f"{name} train")
         if evals:
-            ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label=f"{name} val")
-    ax.set_xlabel("step")
+            ax.plot([offset + r["step"] for r in evals], [r["loss"] for r in evals], "o-", label=f"{name} val")
+        if len(metrics_paths) > 1 and (train or evals):
+            offset += max(r["step"] for r in train + evals)
+            ax.axvline(offset, color="gray", lw=0.5, ls="--")
+    ax.set_xlabel("step (stages one after another)" if len(metrics_paths) > 1 else "step")
     ax.set_ylabel("loss (nats / target token)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
