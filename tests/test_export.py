@@ -1,6 +1,5 @@
 """Export to the HF layout is the exact inverse of conversion, and HF transformers loads it."""
 
-import os
 
 import jax
 import numpy as np

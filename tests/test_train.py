@@ -1,6 +1,5 @@
 """Training: only trainables move, skipped non-finite steps, exact resume, stage transitions."""
 
-import os
 
 import jax
 import numpy as np
@@ -10,7 +9,6 @@ from flax import traverse_util
 from speechverse_jax import checkpoints as base_ckpt
 from speechverse_jax import config_lib
 from speechverse_jax.data.synthetic import SyntheticData
-from speechverse_jax.models.speechverse import SpeechVerse
 from speechverse_jax.train import optimizer as opt_lib
 from speechverse_jax.train.loop import NonFiniteError, build_setup, train
 

@@ -9,11 +9,9 @@ accepts in place of audio.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Dict, Iterable, List, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from speechverse_jax.data.audio import load_audio

@@ -18,7 +18,6 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Prot
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -29,7 +28,7 @@ from speechverse_jax.train import checkpoint as ckpt_lib
 from speechverse_jax.train import optimizer as opt_lib
 from speechverse_jax.train import partitioning
 from speechverse_jax.train.metrics_log import MetricsWriter
-from speechverse_jax.train.step import TrainState, init_state, make_eval_step, make_train_step
+from speechverse_jax.train.step import init_state, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
 SAMPLE_RATE = 16000
