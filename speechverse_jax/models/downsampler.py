@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from speechverse_jax.models.layers import Dtype, LayerNorm, constrain
+from speechverse_jax.models.layers import Conv1D, Dtype, LayerNorm, constrain
 
 LAYER_COMBINATIONS = ("last", "weighted", "softmax")
 
@@ -52,40 +52,6 @@ def downsampled_lengths(lengths: jax.Array, strides: Sequence[int], kernel_size:
     return lengths
 
 
-class Conv1D(nn.Module):
-    """`[batch, frames, in] -> [batch, ceil(frames / stride), features]`, zero 'same' padding."""
-
-    features: int
-    kernel_size: int
-    stride: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param(
-            "kernel",
-            nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("conv_kernel", "conv_in", "conv_out")),
-            (self.kernel_size, x.shape[-1], self.features),
-            self.param_dtype,
-        )
-        bias = self.param(
-            "bias",
-            nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
-            (self.features,),
-            self.param_dtype,
-        )
-        pad = (self.kernel_size - 1) // 2
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype),
-            kernel.astype(self.dtype),
-            window_strides=(self.stride,),
-            padding=[(pad, pad)],
-            dimension_numbers=("NWC", "WIO", "NWC"),
-        )
-        return y + bias.astype(self.dtype)
-
-
 class Downsampler(nn.Module):
     """N blocks of `Conv1D(kernel k, stride s_i, 'same' zero padding) -> LayerNorm`.
 
@@ -107,7 +73,8 @@ class Downsampler(nn.Module):
         lengths = mask.sum(axis=-1)
         for i, stride in enumerate(self.strides):
             x = jnp.where(mask[..., None], x, 0).astype(self.dtype)
-            x = Conv1D(self.features, self.kernel_size, stride, self.dtype, self.param_dtype, name=f"conv_{i}")(x)
+            x = Conv1D(self.features, self.kernel_size, stride, padding=(self.kernel_size - 1) // 2, dtype=self.dtype,
+                       param_dtype=self.param_dtype, name=f"conv_{i}")(x)
             x = LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name=f"norm_{i}")(x)
             lengths = downsampled_lengths(lengths, (stride,))
             mask = jnp.arange(x.shape[1])[None, :] < lengths[:, None]

@@ -136,6 +136,43 @@ class LayerNorm(nn.Module):
         return y.astype(self.dtype)
 
 
+class Conv1D(nn.Module):
+    """`[batch, time, in] -> [batch, time', features]`; kernel `[k, in / groups, features]`."""
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    padding: int = 0
+    groups: int = 1
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("conv_kernel", "conv_in", "conv_out")),
+            (self.kernel_size, x.shape[-1] // self.groups, self.features),
+            self.param_dtype,
+        )
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            window_strides=(self.stride,),
+            padding=[(self.padding, self.padding)],
+            dimension_numbers=("NWC", "WIO", "NWC"),
+            feature_group_count=self.groups,
+        )
+        if self.use_bias:
+            bias = self.param(
+                "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+                (self.features,), self.param_dtype,
+            )
+            y = y + bias.astype(self.dtype)
+        return y
+
+
 def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:
     """Logical sharding constraint on an activation; a no-op outside a mesh/rules context."""
     return nn.with_logical_constraint(x, tuple(names))

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from speechverse_jax.models.layers import Dense, Dtype, LayerNorm, constrain
+from speechverse_jax.models.layers import Conv1D, Dense, Dtype, LayerNorm, constrain
 
 CONV_NORM_EPS = 1e-5  # HF builds the feature extractor's norms with torch's default eps
 
@@ -140,43 +140,6 @@ class WavLMOutput(NamedTuple):
 
 def _gelu(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=False)
-
-
-class Conv1D(nn.Module):
-    """`[batch, time, in] -> [batch, time', features]`; kernel `[k, in / groups, features]`."""
-
-    features: int
-    kernel_size: int
-    stride: int = 1
-    padding: int = 0
-    groups: int = 1
-    use_bias: bool = True
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param(
-            "kernel",
-            nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("conv_kernel", "conv_in", "conv_out")),
-            (self.kernel_size, x.shape[-1] // self.groups, self.features),
-            self.param_dtype,
-        )
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype),
-            kernel.astype(self.dtype),
-            window_strides=(self.stride,),
-            padding=[(self.padding, self.padding)],
-            dimension_numbers=("NWC", "WIO", "NWC"),
-            feature_group_count=self.groups,
-        )
-        if self.use_bias:
-            bias = self.param(
-                "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
-                (self.features,), self.param_dtype,
-            )
-            y = y + bias.astype(self.dtype)
-        return y
 
 
 class TimeGroupNorm(nn.Module):
