@@ -33,8 +33,11 @@ setup(
     extras_require={
         # PyTorch only verifies conversions and runs the parity tests; pinned to the CPU wheel.
         "test": ["torch==2.13.0", "pytest", "pytest-xdist"],
-        "tpu": ["jax[tpu]>=0.10.2"],
-        "cuda": ["jax[cuda]>=0.10.2"],
+        # Accelerator runtimes at the locked jax version (requirements/cpu.lock): libtpu / CUDA 12 plugin.
+        "tpu": ["jax[tpu]==0.10.2"],
+        "cuda": ["jax[cuda12]==0.10.2"],
+        # gs:// paths (etils.epath -> fsspec): run folders, manifests and audio on Cloud Storage.
+        "gcs": ["gcsfs==2026.10.1"],
     },
     entry_points={"console_scripts": ["speechverse-jax=speechverse_jax.cli:main"]},
 )

@@ -161,14 +161,45 @@ PAPER_LAYOUTS = {
 }
 
 
-def paper_stage_config(stage: str, layout: Optional[str] = None) -> ml_collections.ConfigDict:
-    """A stage of the paper's recipe at full size: bf16 compute and bf16-stored frozen weights."""
-    layout = layout or "wlm"
-    if layout not in PAPER_LAYOUTS:
-        raise ValueError(f"config arg must be one of {sorted(PAPER_LAYOUTS)}, got {layout!r}")
+def parse_paper_arg(arg: Optional[str]):
+    """The config-module `arg`: a layout and/or a slice preset, comma-separated, in any order
+    ("wlm", "weighted", "wlm,v5e-16", "v5e-16", ""). Returns (layout, slice name or None)."""
+    from speechverse_jax.train import slices
+
+    layout, slice_name = None, None
+    for item in (arg or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if item in PAPER_LAYOUTS and layout is None:
+            layout = item
+        elif item in slices.PRESETS and slice_name is None:
+            slice_name = item
+        else:
+            what = "a second layout" if item in PAPER_LAYOUTS else (
+                "a second slice" if item in slices.PRESETS else "unknown")
+            raise ValueError(
+                f"config arg {arg!r}: {item!r} is {what}; the arg is 'LAYOUT', 'SLICE' or 'LAYOUT,SLICE' "
+                f"with LAYOUT one of {sorted(PAPER_LAYOUTS)} (default 'wlm') and SLICE one of "
+                f"{sorted(slices.PRESETS)} (see speechverse_jax/train/slices.py)")
+    return layout or "wlm", slice_name
+
+
+def paper_stage_config(stage: str, arg: Optional[str] = None) -> ml_collections.ConfigDict:
+    """A stage of the paper's recipe at full size: bf16 compute and bf16-stored frozen weights.
+
+    `arg` is "LAYOUT", "SLICE" or "LAYOUT,SLICE" (`parse_paper_arg`): the layout picks the model
+    (`PAPER_LAYOUTS`), the slice preset sets the mesh, the global batch and gradient accumulation
+    (`train.slices.apply_slice`); without a slice the mesh is pure data parallel over all devices.
+    """
+    from speechverse_jax.train import slices
+
+    layout, slice_name = parse_paper_arg(arg)
     config = stage_config(stage, model_kwargs=PAPER_LAYOUTS[layout])
     config.model.dtype = "bfloat16"
     config.model.frozen_param_dtype = "bfloat16"
+    if slice_name is not None:
+        slices.apply_slice(config, slice_name)
     return config
 
 

@@ -1,0 +1,148 @@
+"""Named hardware presets: mesh shape, micro-batch and gradient accumulation per slice.
+
+    config = config_lib.paper_stage_config("stage1", "wlm,v5e-16")   # or configs/stage1.py:wlm,v5e-16
+    slices.apply_slice(config, "v5e-16")                               # the same thing by hand
+
+A preset fixes `config.mesh.{data,fsdp,tensor}`, `config.data.batch_size` (the GLOBAL batch, the
+paper's 768) and `config.train.accum_steps`, so that
+
+    per_device_batch * data * fsdp * accum_steps == global_batch
+
+where `per_device_batch` is the micro-batch one (data, fsdp) shard runs at a time (tensor-parallel
+devices of a shard share its rows). Each preset's numbers come from the memory model below; they
+are estimates, so check a preset before paying for a run:
+`speechverse-jax train --config configs/stage2_multitask.py:wlm,v5e-16 --workdir /tmp/x --compile-only`
+compiles the full-size step for the slice's mesh and prints its memory.
+
+Memory model (full-size model, bf16 compute and bf16-stored frozen weights):
+  * frozen weights: Flan-T5-XL 5.7 GB + WavLM-Large 0.63 GB = 6.3 GB, divided by `fsdp` (the
+    `embed` axis of every weight is sharded over `fsdp`; one layer is all-gathered at a time).
+  * trainable state: 28.3M float32 params + AdamW m, v + gradients + the accumulation carry
+    = 5 x 113 MB, about 0.6 GB (replicated: small enough not to matter).
+  * activations: nothing in the model is rematerialised, so the backward pass keeps every T5
+    layer's residuals (WavLM is frozen and sits before the trainable downsampler, so its
+    activations are transient; the "weighted" layout keeps its 25 layer outputs, 0.08 GB). At the largest shape the default data config compiles in
+    practice -- 30 s audio (375 encoder frames after the 4x downsampler) + a 256-token
+    instruction, 128 target tokens -- the 24 encoder layers keep about 170 KB per token (q/k/v,
+    32-head attention probabilities, the 5120-wide gated FFN, norms, dropout masks) and the 24
+    decoder layers about 200 KB per token: about ACTIVATION_GB_PER_EXAMPLE = 3.3 GB per example.
+    Typical buckets (<= 15 s audio, 64-token instructions) need under half of that.
+  * headroom: 1 GB for all-gather buffers, XLA scratch and fragmentation.
+A preset's micro-batch keeps that sum under USABLE_FRACTION of the device's memory. Rows that need
+the 512-token instruction or 600-token target buckets take up to 5 GB each: for data that
+reaches them, halve `per_device_batch` (double `accum_steps`) or check with --compile-only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Optional
+
+PAPER_GLOBAL_BATCH = 768
+
+FROZEN_GB = 5.7 + 0.63  # Flan-T5-XL + WavLM-Large, bf16
+TRAINABLE_STATE_GB = 0.6  # 28.3M f32 params, AdamW m and v, grads, accumulation carry
+ACTIVATION_GB_PER_EXAMPLE = 3.3  # see the module docstring (30 s audio, 256 + 128 tokens)
+HEADROOM_GB = 1.0
+USABLE_FRACTION = 0.9  # of the nominal HBM (runtime reservations; XLA_CLIENT_MEM_FRACTION=0.9 on GPU)
+
+
+@dataclasses.dataclass(frozen=True)
+class SlicePreset:
+    name: str
+    accelerator: str  # gcloud --accelerator-type (TPU) or a description (GPU, CPU)
+    runtime_version: str  # TPU VM software version ("" off TPU)
+    devices: int  # JAX devices (one per TPU chip: v4 / v5p megacore chips are one device each)
+    hosts: int  # JAX processes (TPU VM workers)
+    hbm_gb: float  # memory per device
+    data: int
+    fsdp: int
+    tensor: int
+    per_device_batch: int  # micro-batch rows per (data, fsdp) shard
+    accum_steps: int
+    why: str
+
+    @property
+    def global_batch(self) -> int:
+        return self.per_device_batch * self.data * self.fsdp * self.accum_steps
+
+    def estimated_gb(self) -> float:
+        """Peak memory per device by the module's memory model."""
+        return (FROZEN_GB / self.fsdp / self.tensor + TRAINABLE_STATE_GB
+                + ACTIVATION_GB_PER_EXAMPLE * self.per_device_batch / self.tensor + HEADROOM_GB)
+
+
+PRESETS: Dict[str, SlicePreset] = {p.name: p for p in (
+    SlicePreset(
+        "v4-8", "v4-8", "tpu-ubuntu2204-base", devices=4, hosts=1, hbm_gb=32.0,
+        data=1, fsdp=4, tensor=1, per_device_batch=6, accum_steps=32,
+        why="4 chips x 32 GB: FSDP-4 cuts the frozen weights to 1.6 GB/chip; 6 rows (23 GB est.) fit, "
+            "8 (30 GB) would not leave 10% spare; 768 / (4 x 6) = 32 micro-steps"),
+    SlicePreset(
+        "v4-32", "v4-32", "tpu-ubuntu2204-base", devices=16, hosts=4, hbm_gb=32.0,
+        data=4, fsdp=4, tensor=1, per_device_batch=6, accum_steps=8,
+        why="16 chips on 4 hosts, one 3D-torus ICI slice: FSDP-4 groups (1.6 GB of frozen weights) "
+            "x 4 data replicas; same 6-row micro-batch as v4-8; 768 / (16 x 6) = 8"),
+    SlicePreset(
+        "v5e-16", "v5litepod-16", "v2-alpha-tpuv5-lite", devices=16, hosts=4, hbm_gb=16.0,
+        data=1, fsdp=16, tensor=1, per_device_batch=2, accum_steps=24,
+        why="16 GB/chip is the constraint: replicated weights (6.3 GB) leave room for 1 row, so "
+            "FSDP-16 over the whole slice (0.4 GB/chip, gathers on ICI) and 2 rows (8.6 GB est.; "
+            "4 rows would be 15 GB); 768 / (16 x 2) = 24"),
+    SlicePreset(
+        "v5p-32", "v5p-32", "v2-alpha-tpuv5", devices=16, hosts=4, hbm_gb=95.0,
+        data=16, fsdp=1, tensor=1, per_device_batch=16, accum_steps=3,
+        why="95 GB/chip: replicate the frozen weights (no per-micro-step all-gathers) and run 16 "
+            "rows (60 GB est.); 768 / (16 x 16) = 3"),
+    SlicePreset(
+        "v6e-8", "v6e-8", "v2-alpha-tpuv6e", devices=8, hosts=1, hbm_gb=32.0,
+        data=1, fsdp=8, tensor=1, per_device_batch=6, accum_steps=16,
+        why="8 chips x 32 GB on one host: FSDP-8 (0.8 GB/chip of weights) and 6 rows (22 GB est.); "
+            "768 / (8 x 6) = 16"),
+    SlicePreset(
+        "gpu-8xh100", "8x NVIDIA H100 80GB (one node)", "", devices=8, hosts=1, hbm_gb=80.0,
+        data=8, fsdp=1, tensor=1, per_device_batch=16, accum_steps=6,
+        why="80 GB/GPU: replicate the weights (NVLink makes FSDP cheap, but it is not needed) and "
+            "run 16 rows (61 GB est. of the 72 GB JAX gets at mem fraction 0.9); 768 / (8 x 16) = 6"),
+    SlicePreset(
+        "cpu-8", "8 host-platform CPU devices (rehearsal)", "", devices=8, hosts=1, hbm_gb=0.0,
+        data=2, fsdp=2, tensor=2, per_device_batch=8, accum_steps=24,
+        why="rehearsal of the sharding code on one machine with "
+            "XLA_FLAGS=--xla_force_host_platform_device_count=8: every mesh axis > 1; memory is host RAM"),
+)}
+
+
+def get(name: str) -> SlicePreset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown slice preset {name!r}; valid slices: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]
+
+
+def apply_slice(config, name: str, global_batch: Optional[int] = None):
+    """Set `config.mesh.{data,fsdp,tensor}`, `config.data.batch_size` and `config.train.accum_steps`
+    from preset `name` (in place; returns `config`). `global_batch` (default: the preset's, i.e.
+    the paper's 768) must divide into the preset's micro-batches."""
+    p = get(name)
+    batch = p.global_batch if global_batch is None else int(global_batch)
+    shards = p.data * p.fsdp
+    if batch <= 0 or batch % (shards * p.per_device_batch):
+        raise ValueError(f"slice {name}: global batch {batch} must be a positive multiple of "
+                         f"data*fsdp*per_device_batch = {shards * p.per_device_batch}")
+    config.mesh.data = p.data
+    config.mesh.fsdp = p.fsdp
+    config.mesh.tensor = p.tensor
+    config.data.batch_size = batch
+    config.train.accum_steps = batch // (shards * p.per_device_batch)
+    return config
+
+
+def table() -> str:
+    """The presets as a markdown table (used by docs/scale.md)."""
+    rows = ["| slice | accelerator | devices | hosts | HBM/device | mesh (data, fsdp, tensor) | "
+            "per-device batch | accum | est. GB |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for p in PRESETS.values():
+        rows.append(f"| {p.name} | {p.accelerator} | {p.devices} | {p.hosts} | "
+                    f"{f'{p.hbm_gb:g} GB' if p.hbm_gb else 'host RAM'} | ({p.data}, {p.fsdp}, {p.tensor}) | "
+                    f"{p.per_device_batch} | {p.accum_steps} | {p.estimated_gb():.1f} |")
+    return "\n".join(rows)
