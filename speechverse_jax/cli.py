@@ -23,39 +23,75 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+USAGE_TRAIN = """usage: speechverse-jax train|curriculum --config configs/X.py[:arg] --workdir DIR [--config.a.b=value ...]
+    [--compile-only]                          compile the step for the config's mesh from shapes, print memory + FLOPs
+    [--coordinator HOST:PORT --num_processes N --process_id I]   multi-process start (TPU VMs: automatic)
+  e.g. --config.optim.lr=3e-4 --config.data.batch_size=64"""
+
+
 def _config_from_flags(argv: List[str]):
-    """`--config FILE[:arg] [--config.a.b=value ...]` (ml_collections config_flags) and `--workdir`."""
+    """`--config FILE[:arg] [--config.a.b=value ...]` (ml_collections config_flags), `--workdir`, and the
+    multi-process / compile-only flags. Returns (config, workdir, options)."""
     from absl import flags
     from ml_collections import config_flags
 
     if not argv or any(a in ("-h", "--help") for a in argv):
-        print("usage: speechverse-jax train|curriculum --config configs/X.py[:arg] --workdir DIR "
-              "[--config.a.b=value ...]\n  e.g. --config.optim.lr=3e-4 --config.data.batch_size=64")
+        print(USAGE_TRAIN)
         raise SystemExit(0 if argv else 2)
+    compile_only = any(a in ("--compile-only", "--compile_only") for a in argv)
+    argv = [a for a in argv if a not in ("--compile-only", "--compile_only")]
     values = flags.FlagValues()
     argv = ["speechverse-jax"] + list(argv)
     config_flags.DEFINE_config_file("config", None, "config module (get_config)", flag_values=values,
                                     lock_config=True, sys_argv=argv)  # overrides are read from sys_argv
     flags.DEFINE_string("workdir", None, "run folder (local or gs://)", flag_values=values)
+    flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0 (multi-process runs)", flag_values=values)
+    flags.DEFINE_integer("num_processes", None, "processes in the run", flag_values=values)
+    flags.DEFINE_integer("process_id", None, "this process's index", flag_values=values)
     values(argv)
-    if values.config is None or not values.workdir:
-        raise SystemExit("usage: speechverse-jax train|curriculum --config configs/X.py --workdir DIR [--config.a.b=v]")
-    return values.config, values.workdir
+    if values.config is None or (not values.workdir and not compile_only):
+        raise SystemExit(USAGE_TRAIN)
+    options = {"compile_only": compile_only, "coordinator": values.coordinator,
+               "num_processes": values.num_processes, "process_id": values.process_id}
+    return values.config, values.workdir, options
+
+
+def _start(config, workdir, options) -> bool:
+    """Multi-process start-up, or the compile-only check (then returns True: nothing else to run)."""
+    if options["compile_only"]:
+        from speechverse_jax import fs
+        from speechverse_jax.train import aot
+
+        aot.force_cpu_devices(aot.mesh_devices(config))
+        report = aot.compile_train_step(config)
+        if workdir:
+            fs.makedirs(workdir)
+            fs.write_text(f"{workdir.rstrip('/')}/compile_only.json", json.dumps(report, indent=2))
+            print(f"report: {workdir.rstrip('/')}/compile_only.json")
+        return True
+    from speechverse_jax.train import distributed
+
+    distributed.initialize(options["coordinator"], options["num_processes"], options["process_id"])
+    return False
 
 
 def _train(args: argparse.Namespace) -> int:
     from speechverse_jax.train.curriculum import run_stage
 
-    config, workdir = _config_from_flags(args.rest)
-    run_stage(config, workdir)
+    config, workdir, options = _config_from_flags(args.rest)
+    if not _start(config, workdir, options):
+        run_stage(config, workdir)
     return 0
 
 
 def _curriculum(args: argparse.Namespace) -> int:
-    from speechverse_jax.train.curriculum import run_curriculum
+    from speechverse_jax.train.curriculum import run_curriculum, stage_configs
 
-    config, workdir = _config_from_flags(args.rest)
-    run_curriculum(config, workdir)
+    config, workdir, options = _config_from_flags(args.rest)
+    if options["compile_only"]:  # the last (largest) stage: LoRA and all tasks
+        config = list(stage_configs(config).values())[-1]
+    if not _start(config, workdir, options):
+        run_curriculum(config, workdir)
     return 0
 
 

@@ -56,6 +56,10 @@ def test_only_trainable_params_change_and_moments_cover_them_only(tiny_base, tmp
     moments = sum(np.size(x) for x in jax.tree_util.tree_leaves(state.opt_state) if np.ndim(x) > 0)
     assert moments == 2 * n_train  # Adam mu and nu of the trainable leaves, nothing else
     assert int(state.skipped_steps) == 0
+    # Throughput records carry the analytic model FLOP rate and MFU against the measured CPU peak.
+    rows = [r for r in map(eval_json, open(tmp_path / "run" / "metrics.jsonl")) if r["kind"] == "train"]
+    timed = [r for r in rows if "step_time_s" in r]
+    assert timed and all(0 < r["mfu"] < 1.5 and r["model_tflops_per_s"] > 0 for r in timed)
 
 
 def test_every_param_must_match_a_rule(tiny_base):

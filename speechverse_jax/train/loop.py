@@ -10,6 +10,7 @@ folder resumes from the latest complete checkpoint, data order included.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -138,9 +139,17 @@ def previous_stage_params(path: str, prefer: str = "best") -> Dict[str, np.ndarr
             step, _ = ckpt_lib.read_meta(c)
         except (FileNotFoundError, ValueError, OSError):
             continue
-        with ocp.CheckpointManager(ckpt_lib.abs_path(c), options=ocp.CheckpointManagerOptions(create=False)) as mgr:
-            state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
-        return _flat(state["params"])
+        directory = ckpt_lib.abs_path(c)
+        # Restore replicated onto this run's devices (whatever mesh or process count wrote it), so
+        # every process holds the whole (small) trainable tree and can re-shard it.
+        everywhere = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(jax.devices()), ("all",)),
+                                                jax.sharding.PartitionSpec())
+        metadata = ocp.StandardCheckpointer().metadata(os.path.join(directory, str(step), "state")).item_metadata
+        target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=everywhere),
+                                        metadata.tree if hasattr(metadata, "tree") else metadata)
+        with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False)) as mgr:
+            state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+        return {k: np.asarray(v) for k, v in _flat(state["params"]).items()}
     raise FileNotFoundError(f"{path}: no checkpoint under {candidates}")
 
 
@@ -162,6 +171,23 @@ def _audio_seconds(batch) -> float:
     if "frame_mask" in batch:
         return float((np.asarray(batch["frame_mask"]) & rows).sum()) * 0.02  # WavLM frames are 20 ms
     return 0.0
+
+
+@functools.lru_cache(maxsize=256)
+def _flops_for_shapes(model_cfg: SpeechVerseConfig, rows: int, samples: int, frames: Optional[int], instruction: int,
+                      target: int) -> float:
+    from speechverse_jax.train.flops import train_step_flops
+
+    return train_step_flops(model_cfg, rows, samples, instruction, target, audio_frames=frames)["total"]
+
+
+def _step_flops(model_cfg: SpeechVerseConfig, batch) -> float:
+    """Analytic model FLOPs of one train step on this global batch's padded shapes."""
+    rows = batch["target_ids"].shape[0] * jax.process_count()
+    ins, tgt = batch["instruction_ids"].shape[1], batch["target_ids"].shape[1]
+    if "hidden_states" in batch:  # cached encoder states [b, L+1, frames, dim]: no encoder forward
+        return _flops_for_shapes(model_cfg, rows, 0, batch["hidden_states"].shape[2], ins, tgt)
+    return _flops_for_shapes(model_cfg, rows, batch["audio"].shape[1], None, ins, tgt)
 
 
 def _target_tokens(batch) -> float:
@@ -232,7 +258,16 @@ def train(config, workdir: str, data: TrainData, mesh=None, progress: bool = Tru
     stop_reason = "max_steps"
     bar = tqdm(total=max_steps, initial=step, disable=not (progress and is_main), desc="train", unit="step",
                dynamic_ncols=True)
-    window = {"audio_s": 0.0, "tokens": 0.0, "t0": time.time(), "steps": 0}
+    peak = None
+    if tcfg.get("log_mfu", True):
+        from speechverse_jax.train.flops import peak_flops_per_device
+
+        per_device = peak_flops_per_device()
+        peak = per_device * jax.device_count() if per_device else None
+        if per_device:
+            say(f"MFU is reported against {per_device / 1e12:.3g} TFLOP/s per device x {jax.device_count()} "
+                f"devices ({jax.devices()[0].device_kind}{', measured float32 matmul' if jax.devices()[0].platform == 'cpu' else ''})")
+    window = {"audio_s": 0.0, "tokens": 0.0, "flops": 0.0, "t0": time.time(), "steps": 0}
     compile_s = None
     try:
         while step < max_steps:
@@ -244,10 +279,11 @@ def train(config, workdir: str, data: TrainData, mesh=None, progress: bool = Tru
                 jax.block_until_ready(state.step)
                 compile_s = time.time() - t_step
                 say(f"first step (compile + run): {compile_s:.1f}s")
-                window = {"audio_s": 0.0, "tokens": 0.0, "t0": time.time(), "steps": 0}
+                window = {"audio_s": 0.0, "tokens": 0.0, "flops": 0.0, "t0": time.time(), "steps": 0}
             else:
                 window["audio_s"] += _audio_seconds(batch)
                 window["tokens"] += _target_tokens(batch)
+                window["flops"] += _step_flops(setup.model_cfg, batch)
                 window["steps"] += 1
             if step % int(tcfg.log_every) == 0 or step == max_steps:
                 m = jax.device_get(metrics)
@@ -258,7 +294,10 @@ def train(config, workdir: str, data: TrainData, mesh=None, progress: bool = Tru
                 }
                 if window["steps"]:  # (the first step's time is compilation: reported once above)
                     record.update(step_time_s=elapsed / window["steps"], audio_seconds_per_s=window["audio_s"] / elapsed,
-                                  target_tokens_per_s=window["tokens"] / elapsed)
+                                  target_tokens_per_s=window["tokens"] / elapsed,
+                                  model_tflops_per_s=window["flops"] / elapsed / 1e12)
+                    if peak:
+                        record["mfu"] = window["flops"] / elapsed / peak
                 for i, name in enumerate(data.task_names):
                     if m["task_tokens"][i]:
                         record[f"loss/{name}"] = float(m["task_nll"][i] / m["task_tokens"][i])
@@ -267,7 +306,7 @@ def train(config, workdir: str, data: TrainData, mesh=None, progress: bool = Tru
                         f"({int(m['consecutive_skips'])} in a row, {int(m['skipped_steps'])} in total)")
                 writer.write(step, "train", record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['learning_rate']:.2e}")
-                window = {"audio_s": 0.0, "tokens": 0.0, "t0": time.time(), "steps": 0}
+                window = {"audio_s": 0.0, "tokens": 0.0, "flops": 0.0, "t0": time.time(), "steps": 0}
                 if int(m["consecutive_skips"]) > int(tcfg.max_consecutive_skips):
                     raise NonFiniteError(
                         f"{int(m['consecutive_skips'])} steps in a row had a non-finite loss or gradient "

@@ -84,8 +84,8 @@ def make_train_step(
 ) -> Callable[[TrainState, Any, Batch], Tuple[TrainState, Dict[str, jax.Array]]]:
     """`train_step(state, frozen_params, batch) -> (state, metrics)`; jit it with shardings.
 
-    With `accum_steps > 1` the batch is split into that many micro-batches along its first axis
-    and their gradients are summed before one update (token-weighted, as one big batch would be).
+    With `accum_steps > 1` the batch is split into that many strided micro-batches along its first
+    axis and their gradients are summed before one update (token-weighted, as one big batch would be).
     """
 
     def micro_grads(trainable, frozen, micro, rng):
@@ -101,8 +101,11 @@ def make_train_step(
         if accum_steps == 1:
             nll, (tokens, task_nll, task_tokens), grads = micro_grads(state.params, frozen, batch, rng)
         else:
+            # Micro-batch i takes rows i, i + accum, i + 2 accum, ...: each device's contiguous block
+            # of the sharded batch contributes equally to every micro-batch, so no rows move.
             micro = jax.tree_util.tree_map(
-                lambda x: x.reshape((accum_steps, x.shape[0] // accum_steps) + x.shape[1:]), batch)
+                lambda x: jnp.swapaxes(x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:]), 0, 1),
+                batch)
 
             def body(carry, xs):
                 i, mb = xs

@@ -1,0 +1,48 @@
+"""`train --compile-only` compiles the full-size (WavLM-Large + Flan-T5-XL) train step for an
+8-device mesh from shapes alone, on forced CPU devices, and reports memory per device and FLOPs."""
+
+import json
+import os
+import subprocess
+import sys
+
+from speechverse_jax import config_lib
+from speechverse_jax.models.speechverse import init_params
+from speechverse_jax.train import flops
+
+
+def test_full_size_step_compiles_for_a_mesh_and_reports(tmp_path):
+    out = tmp_path / "aot"
+    cmd = [sys.executable, "-m", "speechverse_jax.cli", "train", "--config", "configs/stage2_multitask.py",
+           "--workdir", str(out), "--compile-only", "--config.mesh.data=2", "--config.mesh.fsdp=4",
+           "--config.data.batch_size=8", "--config.data.audio_buckets_seconds=(4.0,)",
+           "--config.data.instruction_buckets=(32,)", "--config.data.target_buckets=(16,)"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "per device:" in res.stdout and "FLOPs per step" in res.stdout
+    report = json.loads((out / "compile_only.json").read_text())
+    assert report["devices"] == 8 and report["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+    # Table 11 of the paper: 28.3M trainable (downsampler + LoRA r16 on q, v).
+    assert report["params"]["trainable"] == 18_886_656 + 9_437_184
+    assert report["params"]["frozen"] > 3_000_000_000
+    # Frozen weights are bf16 and sharded 4 ways over fsdp: well under a quarter of 2 bytes each,
+    # plus the few small leaves that stay replicated.
+    frozen_bytes = report["per_device_bytes"]["frozen_params"]
+    assert 2 * report["params"]["frozen"] / 4 <= frozen_bytes < 2 * report["params"]["frozen"] / 4 * 1.05
+    # Adam moments: two float32 copies of the trainable params, sharded the same way.
+    assert report["per_device_bytes"]["optimizer_state"] >= 2 * report["per_device_bytes"]["trainable_params"]
+    assert report["xla_memory_per_device"]["temporaries"] > 0
+    # XLA's count for the compiled step agrees with the analytic model FLOPs.
+    xla = report["xla_flops_per_device"] * report["devices"]
+    assert 0.95 <= xla / report["analytic_flops"]["total"] <= 1.2, (xla, report["analytic_flops"])
+
+
+def test_analytic_flops_of_the_paper_model_scale_with_the_batch():
+    cfg = config_lib.build_model_config(config_lib.load_config_file("configs/stage2_multitask.py").model)
+    one = flops.train_step_flops(cfg, 1, 16000 * 10, 64, 32)
+    many = flops.train_step_flops(cfg, 768, 16000 * 10, 64, 32)
+    assert abs(many["total"] / one["total"] - 768) < 1e-6
+    # T5-XL's frozen weights dominate: about 2 x params x tokens for the forward pass.
+    del init_params
