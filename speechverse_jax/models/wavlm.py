@@ -287,7 +287,10 @@ class Attention(nn.Module):
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) + bias
         scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, cfg.hidden_size)
+        # probs @ v on heads-first operands: written as the einsum "bhqk,bkhd->bqhd", XLA:CPU lays
+        # the product out as [b, h, d, q] and runs it several times slower than the score matmul of
+        # the same size (bench/train_step.py: 8% of the demo-size train step; same numbers).
+        out = jnp.matmul(probs, jnp.swapaxes(v, 1, 2)).transpose(0, 2, 1, 3).reshape(b, t, cfg.hidden_size)
         out = Dense(cfg.hidden_size, axes=("heads", "embed"), use_bias=True, name="o", **kw)(out)
         return out, position_bias
 
