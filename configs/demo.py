@@ -1,6 +1,6 @@
 """The CPU demo: tiny pretrained backbones and the paper's three-stage curriculum on an espeak corpus.
 
-    speechverse-jax demo                      # profile 'full'  (about 20 minutes on 2 cores)
+    speechverse-jax demo                      # profile 'full'  (about 25 minutes on 2 cores, estimated)
     speechverse-jax demo --profile quick      # the CI smoke profile (a few minutes)
 
 `get_config(profile)` returns the whole demo: backbone sizes and pretraining budgets, then a
@@ -15,7 +15,7 @@ from speechverse_jax import config_lib
 
 PROFILES = {
     # steps: WavLM CTC, T5 text pretraining, stage1, stage2_warmup, stage2_multitask
-    "full": dict(wavlm_steps=600, t5_steps=400, stage_steps=(300, 150, 900), batch_size=16, vocab=400,
+    "full": dict(wavlm_steps=600, t5_steps=2000, stage_steps=(800, 150, 900), batch_size=16, vocab=1000,
                  wavlm_hidden=192, wavlm_layers=4, conv=64, t5_width=192, t5_layers=3,
                  audio_buckets=(2.0, 4.0, 6.0)),
     "quick": dict(wavlm_steps=20, t5_steps=30, stage_steps=(6, 4, 10), batch_size=8, vocab=200,
@@ -37,13 +37,20 @@ def get_config(profile="full"):
         t5=dict(d_model=p["t5_width"], d_kv=p["t5_width"] // 4, d_ff=p["t5_width"] * 8 // 3, num_layers=p["t5_layers"],
                 num_decoder_layers=p["t5_layers"], num_heads=4,
                 feed_forward_proj="gated-gelu", tie_word_embeddings=False, relative_attention_num_buckets=32,
-                relative_attention_max_distance=64, dropout_rate=0.1),
+                relative_attention_max_distance=64, dropout_rate=0.0),
         vocab_size=p["vocab"],
         wavlm_steps=p["wavlm_steps"],
         wavlm_batch=8,
         wavlm_max_seconds=4.0,  # CTC sees clips up to this long (about 96% of the corpus)
+        # the T5 reads an endless stream of text tasks over the train sentences (demo/backbones.py
+        # TextTasks: mostly copying, then IC/SF/KWS/KWE/open); no dropout, nothing repeats
         t5_steps=p["t5_steps"],
-        t5_batch=16,
+        t5_batch=32,
+        t5_lr=2e-3,
+        t5_warmup=max(p["t5_steps"] // 12, 1),
+        text_check=("asr", "ic", "kws", "kwe", "sf") if profile != "quick" else ("asr",),  # T5 alone on dev text
+        t5_tasks=dict(copy=0.3, copy_random=0.15, copy_stretched=0.1, ic=0.12, sf=0.1, kws=0.08, kwe=0.07,
+                      open=0.04, joint=0.04),
     )
     config.order = list(config_lib.STAGES)
     for stage, steps in zip(config_lib.STAGES, p["stage_steps"]):

@@ -514,8 +514,11 @@ def _render_to(job: Tuple[str, Mapping[str, Any]]) -> float:
 # The corpus
 # --------------------------------------------------------------------------------------------
 
-def plan_corpus(profile: str = "full", seed: int = 0) -> Dict[str, List[Tuple[Dict[str, Any], Dict[str, Any]]]]:
-    """{split: [(row, spec), ...]} for the whole corpus; rows have ids and audio paths, no durations."""
+def sentence_families(profile: str = "full", seed: int = 0) -> Dict[str, Dict[str, List[Sentence]]]:
+    """{family: {split: sentences}} for the families 'asr', 'commands' and 'open': the held-out
+    split of every template's sentences that the corpus of (profile, seed) is drawn from. The
+    train lists hold many more sentences than the corpus speaks (text pretraining draws on them;
+    dev and test sentences are never in them)."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
     sizes = PROFILES[profile]
@@ -525,12 +528,25 @@ def plan_corpus(profile: str = "full", seed: int = 0) -> Dict[str, List[Tuple[Di
 
     asr_need = {sp: sum(sizes[sp][t] for t in ("asr", "kws", "kwe", "ac")) + 2 * sizes[sp]["sc"]
                 + sizes[sp]["sns"] for sp in SPLITS}
-    families = {
+    return {
         "asr": split_sentences(asr_sentences(), asr_need, rng_for(seed, "split/asr")),
         "commands": split_sentences(command_sentences(), need(("ic", "sf")), rng_for(seed, "split/commands")),
         "open": split_sentences(open_sentences(), need(("open",)), rng_for(seed, "split/open")),
     }
-    kws_vocab = sorted({w for s in families["asr"]["train"] for w in content_words(s.text)})
+
+
+def kws_vocabulary(families: Mapping[str, Mapping[str, Sequence[Sentence]]]) -> List[str]:
+    """The content words of the train ASR sentences (KWS draws its negative keywords from them)."""
+    return sorted({w for s in families["asr"]["train"] for w in content_words(s.text)})
+
+
+def plan_corpus(profile: str = "full", seed: int = 0) -> Dict[str, List[Tuple[Dict[str, Any], Dict[str, Any]]]]:
+    """{split: [(row, spec), ...]} for the whole corpus; rows have ids and audio paths, no durations."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
+    sizes = PROFILES[profile]
+    families = sentence_families(profile, seed)
+    kws_vocab = kws_vocabulary(families)
     plan = {}
     for split in SPLITS:
         pools = {name: Pool(fam[split]) for name, fam in families.items()}

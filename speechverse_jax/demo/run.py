@@ -53,10 +53,9 @@ def build_backbones(config, corpus_dir: str, out_dir: str, progress: bool = True
     """Pretrain, export (HF layout) and convert the backbones; reuse them when already made."""
     from speechverse_jax.convert.export import export_t5, export_wavlm
     from speechverse_jax.convert.pipeline import convert_checkpoints
-    from speechverse_jax.data import tasks
     from speechverse_jax.data.audio import load_audio
     from speechverse_jax.demo import backbones as bb
-    from speechverse_jax.demo.corpus import read_rows
+    from speechverse_jax.demo.corpus import IC_LABELS, kws_vocabulary, read_rows, sentence_families
     from speechverse_jax.models.t5 import T5Config
     from speechverse_jax.models.wavlm import WavLMConfig
 
@@ -84,12 +83,20 @@ def build_backbones(config, corpus_dir: str, out_dir: str, progress: bool = True
         batch_size=int(cfg.wavlm_batch), max_samples=int(cfg.wavlm_max_seconds * 16000), seed=int(config.seed), progress=progress, log=_say)
     export_wavlm(wavlm_cfg, wavlm_params, os.path.join(hf_dir, "wavlm"))
 
-    pairs = bb.text_pairs(rows, lambda row, i: tasks.build_instruction(row["task"], row, i))
+    # the T5 learns to read its input from an endless stream of text tasks over the train sentences
+    with open(os.path.join(corpus_dir, "corpus.json")) as f:
+        made = json.load(f)
+    families = sentence_families(made["profile"], int(made["seed"]))
+    stream = bb.TextTasks(families, kws_vocabulary(families), IC_LABELS,
+                          weights=dict(cfg.t5_tasks) if cfg.get("t5_tasks") else None)
     t5_cfg = T5Config.from_hf(dict(cfg.t5.to_dict(), vocab_size=vocab, pad_token_id=0, eos_token_id=1,
                                    decoder_start_token_id=0, is_encoder_decoder=True))
-    t5_params, t5_report = bb.pretrain_t5(t5_cfg, pairs, tokenizer, steps=int(cfg.t5_steps),
-                                          batch_size=int(cfg.t5_batch), seed=int(config.seed),
+    t5_params, t5_report = bb.pretrain_t5(t5_cfg, stream.sample, tokenizer, steps=int(cfg.t5_steps),
+                                          batch_size=int(cfg.t5_batch), lr=float(cfg.t5_lr),
+                                          warmup=int(cfg.t5_warmup), seed=int(config.seed),
                                           progress=progress, log=_say)
+    t5_report.extra.update(text_check(t5_cfg, t5_params, tokenizer, corpus_dir, task_names=tuple(cfg.text_check)))
+    _say("T5 text-only check on dev (transcript + instruction): " + json.dumps(t5_report.extra))
     export_t5(t5_cfg, t5_params, tok_dir)
 
     _say("converting the pretrained backbones (the same path as downloaded weights), with --verify")
@@ -100,13 +107,50 @@ def build_backbones(config, corpus_dir: str, out_dir: str, progress: bool = True
         "base_dir": base_dir,
         "tokenizer_pieces": len(tokenizer),
         "wavlm": {**wavlm_report.__dict__, "config": cfg.wavlm.to_dict()},
-        "t5": {**t5_report.__dict__, "config": cfg.t5.to_dict(), "text_pairs": len(pairs)},
+        "t5": {**t5_report.__dict__, "config": cfg.t5.to_dict(), "text_tasks": stream.weights},
         "max_rel_diff_vs_hf": max(r["max_rel"] for r in verify["verify"]["results"]),
         "seconds": round(time.time() - t0, 1),
     }
     with open(report_path, "w") as f:
         json.dump(report, f, indent=2, default=str)
     return report
+
+
+def text_check(t5_cfg, params, tokenizer, corpus_dir: str, split: str = "dev",
+               task_names=("asr", "ic", "kws", "kwe", "sf")) -> Dict[str, float]:
+    """The pretrained T5 alone on the *text* form of dev examples (`<transcript> <instruction>`, greedy):
+    does it read its input? Copy WER (the ASR instruction), IC / KWS accuracy, KWE F1, SF SLU-F1."""
+    import jax.numpy as jnp
+
+    from speechverse_jax.data import tasks
+    from speechverse_jax.decode.generate import GenerateConfig, generate
+    from speechverse_jax.demo.corpus import read_rows
+    from speechverse_jax.eval import metrics
+    from speechverse_jax.models.t5 import T5
+
+    model = T5(t5_cfg)
+    rows = [r for r in read_rows(os.path.join(corpus_dir, f"{split}.jsonl")) if r.get("transcript")]
+    out = {}
+    for task in task_names:
+        sel = [r for r in rows if r["task"] == task]
+        if not sel:
+            continue
+        ids = [tokenizer(f"{r['transcript']} {tasks.build_instruction(task, r, i)}").input_ids
+               for i, r in enumerate(sel)]
+        arr = np.zeros((len(ids), max(map(len, ids))), np.int32)
+        for i, x in enumerate(ids):
+            arr[i, : len(x)] = x
+        mask = jnp.asarray(arr != 0)
+        enc = model.apply({"params": params}, model.apply({"params": params}, arr, method=T5.embed), mask,
+                          method=T5.encode)
+        gen = generate(model, params, enc, mask, GenerateConfig(max_new_tokens=48))
+        hyps = [tokenizer.decode(t[:n], skip_special_tokens=True)
+                for t, n in zip(np.asarray(gen.tokens), np.asarray(gen.lengths))]
+        t = tasks.get_task(task)
+        labels = tasks.resolve_labels(t, sel[0]) if (t.labels or sel[0].get("labels")) else None
+        result = metrics.evaluate_task(task, hyps, [r["target"] for r in sel], labels=labels)
+        out[f"text_{task}_{t.metric}"] = round(float(result[t.metric]), 2)
+    return out
 
 
 def encoder_cache(config, base_dir: str, corpus_dir: str, out_path: str, progress: bool = True):
