@@ -4,14 +4,20 @@
     python bench/generation_speed.py --repeats 5 --new-tokens 32
 
 Both sides decode the same converted random Flan-style T5 from the same T5 encoder output
-(HF gets it as `encoder_outputs`, so neither side times the encoder), with
-`min_new_tokens = max_new_tokens`, so every run does exactly `new_tokens` decoder steps.
-Times are the median of `--repeats` runs after one warm-up; our compile time is reported
-apart (first call minus a steady call). HF runs with 1 and with all torch threads and the
-faster counts: on a small shared machine torch's OpenMP threads can stall on each other
-(a 1x512 @ 512x512 matmul took 15 ms with 2 threads and 0.01 ms with 1 on the 2-core box),
-which would flatter us. Tokens/s counts the tokens of the returned sequences
-(batch x new tokens), for greedy and beam alike. Writes bench/results/generation_speed.json.
+(HF gets it as `encoder_outputs`, so neither side times the encoder), in float32, with
+`min_new_tokens = max_new_tokens` (EOS banned until the end), so every run does exactly
+`new_tokens` decoder steps; the script counts the generated tokens of both sides and stops if
+they differ. Tokens/s = generated tokens of the returned sequences (batch x new tokens), for
+greedy and beam alike; it also reports how many of our tokens equal HF's.
+
+Timing: one warm-up call per side (ours: includes the compile, reported apart as `compile s`
+= first call minus the median steady call; the bench checks that the timed calls compiled
+nothing), then `--repeats` rounds alternating the sides, median per side. HF runs under
+`torch.inference_mode()` with `torch.set_num_threads(n)` for n = 1 and n = all cores, and the
+faster counts (both are reported): on a small shared machine torch's OpenMP threads can stall
+on each other (a 1x512 @ 512x512 matmul took 15 ms with 2 threads and 0.01 ms with 1 on the
+2-core box), which would flatter us. Process CPU seconds are reported next to the wall times
+(on a busy machine they are the steadier number). Writes bench/results/generation_speed.json.
 """
 
 from __future__ import annotations
@@ -28,13 +34,11 @@ from typing import Callable, Dict, List
 import numpy as np
 
 
-def _median_time(fn: Callable[[], None], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _timed(fn: Callable[[], None]):
+    """(wall s, process CPU s) of one call."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    fn()
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def run(args) -> Dict:
@@ -47,6 +51,7 @@ def run(args) -> Dict:
     from speechverse_jax import hf_tiny
     from speechverse_jax.convert.hf_io import HFCheckpoint
     from speechverse_jax.convert.t5 import convert_t5
+    from speechverse_jax.decode import generate as generate_module
     from speechverse_jax.decode.generate import GenerateConfig, generate
     from speechverse_jax.models.t5 import T5
 
@@ -57,6 +62,8 @@ def run(args) -> Dict:
         folder = hf_tiny.save_t5(os.path.join(tmp, "t5"), flan=True, seed=0, **size)
         cfg, params = convert_t5(HFCheckpoint(folder))
         hf = transformers.T5ForConditionalGeneration.from_pretrained(folder).eval()
+    # device arrays, as a user holds them
+    params = jax.device_put(params)
     model = T5(cfg)
     n_params = sum(p.numel() for p in hf.parameters())
     encode = jax.jit(lambda e, m: model.apply({"params": params}, e, m, method=T5.encode))
@@ -73,43 +80,73 @@ def run(args) -> Dict:
         mask_torch = torch.from_numpy(mask.astype(np.int64))
         for beams in args.beams:
             gen_cfg = GenerateConfig(args.new_tokens, num_beams=beams, min_new_tokens=args.new_tokens)
+            result = {}
 
             def ours():
-                jax.block_until_ready(generate(model, params, enc, jnp.asarray(mask), gen_cfg))
+                result["ours"] = jax.block_until_ready(generate(model, params, enc, jnp.asarray(mask), gen_cfg))
 
             def theirs():
                 # generate expands `encoder_outputs` for beams in place: give it a fresh one each call
                 enc_torch = BaseModelOutput(last_hidden_state=torch.from_numpy(enc_np.copy()))
-                with torch.no_grad():
-                    hf.generate(encoder_outputs=enc_torch, attention_mask=mask_torch, do_sample=False,
-                                num_beams=beams, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+                with torch.inference_mode():
+                    result["hf"] = hf.generate(encoder_outputs=enc_torch, attention_mask=mask_torch, do_sample=False,
+                                               num_beams=beams, max_new_tokens=args.new_tokens,
+                                               min_new_tokens=args.new_tokens)
 
-            t0 = time.perf_counter()
-            ours()
-            first = time.perf_counter() - t0
-            ours_s = _median_time(ours, args.repeats)
-            hf_by_threads = {}
-            for threads in sorted({1, os.cpu_count()}):  # HF at its best thread count (see module doc)
+            first, _ = _timed(ours)  # compiles
+            compiled = generate_module._generate._cache_size()
+            thread_counts = sorted({1, os.cpu_count()})
+            for threads in thread_counts:  # HF warm-up at each thread count
                 torch.set_num_threads(threads)
-                theirs()  # warm-up
-                hf_by_threads[threads] = _median_time(theirs, args.repeats)
-            theirs_s = min(hf_by_threads.values())
-            tokens = batch * args.new_tokens
+                theirs()
+            ours_t, hf_t = [], {n: [] for n in thread_counts}
+            for _ in range(args.repeats):  # alternate the sides, so load changes hit both
+                ours_t.append(_timed(ours))
+                for threads in thread_counts:
+                    torch.set_num_threads(threads)
+                    hf_t[threads].append(_timed(theirs))
+            torch.set_num_threads(os.cpu_count())
+            recompiles = generate_module._generate._cache_size() - compiled
+            if recompiles:
+                raise RuntimeError(f"generate compiled {recompiles} more program(s) inside the timed region")
+
+            # same number of generated tokens on both sides (HF's sequences start with the start token)
+            ours_tokens = np.asarray(result["ours"].tokens)
+            ours_count = int(np.asarray(result["ours"].lengths).sum())
+            hf_tokens = result["hf"].numpy()[:, 1:]
+            eos = hf.generation_config.eos_token_id
+            hf_count = sum(int(np.argmax(row == eos)) + 1 if (row == eos).any() else row.size for row in hf_tokens)
+            if ours_count != hf_count or ours_count != batch * args.new_tokens:
+                raise RuntimeError(f"generated tokens differ: ours {ours_count}, HF {hf_count}, "
+                                   f"expected {batch * args.new_tokens}")
+            same = float(np.mean(ours_tokens == hf_tokens))
+
+            ours_s = statistics.median(t for t, _ in ours_t)
+            ours_cpu = statistics.median(c for _, c in ours_t)
+            hf_by_threads = {n: statistics.median(t for t, _ in v) for n, v in hf_t.items()}
+            best = min(hf_by_threads, key=hf_by_threads.get)
+            theirs_s = hf_by_threads[best]
+            hf_cpu = statistics.median(c for _, c in hf_t[best])
             row = dict(batch=batch, num_beams=beams, new_tokens=args.new_tokens,
-                       ours_s=ours_s, hf_s=theirs_s, hf_s_by_torch_threads=hf_by_threads,
-                       ours_compile_s=max(0.0, first - ours_s),
-                       ours_tokens_per_s=tokens / ours_s, hf_tokens_per_s=tokens / theirs_s,
-                       speedup=theirs_s / ours_s)
+                       generated_tokens=dict(ours=ours_count, hf=hf_count), tokens_equal_to_hf=same,
+                       ours_s=ours_s, hf_s=theirs_s, hf_torch_threads=best, hf_s_by_torch_threads=hf_by_threads,
+                       ours_cpu_s=ours_cpu, hf_cpu_s=hf_cpu,
+                       ours_compile_s=max(0.0, first - ours_s), recompiles_in_timed_region=recompiles,
+                       ours_tokens_per_s=ours_count / ours_s, hf_tokens_per_s=hf_count / theirs_s,
+                       speedup=theirs_s / ours_s, speedup_cpu_time=hf_cpu / ours_cpu)
             rows.append(row)
             print(f"batch {batch:2d} beams {beams}: ours {ours_s * 1e3:8.1f} ms "
-                  f"({row['ours_tokens_per_s']:7.0f} tok/s, compile {row['ours_compile_s']:.1f} s)  "
-                  f"HF {theirs_s * 1e3:8.1f} ms "
-                  f"({row['hf_tokens_per_s']:7.0f} tok/s)  x{row['speedup']:.2f}", flush=True)
+                  f"({row['ours_tokens_per_s']:7.0f} tok/s, cpu {ours_cpu * 1e3:.0f} ms, "
+                  f"compile {row['ours_compile_s']:.1f} s)  HF {theirs_s * 1e3:8.1f} ms "
+                  f"({row['hf_tokens_per_s']:7.0f} tok/s, cpu {hf_cpu * 1e3:.0f} ms, {best} thread(s))  "
+                  f"x{row['speedup']:.2f} (cpu x{row['speedup_cpu_time']:.2f}), "
+                  f"{same:.0%} tokens as HF", flush=True)
 
     return dict(
         model=dict(size, feed_forward_proj="gated-gelu", params=n_params),
         settings=dict(encoder_length=args.enc_len, new_tokens=args.new_tokens, repeats=args.repeats,
-                      min_new_tokens=args.new_tokens, dtype="float32"),
+                      min_new_tokens=args.new_tokens, dtype="float32", torch_inference_mode=True,
+                      torch_threads_tried=sorted({1, os.cpu_count()})),
         machine=dict(cpu_count=os.cpu_count(), platform=platform.platform(), processor=platform.processor(),
                      python=platform.python_version(), jax=jax.__version__, jax_backend=jax.default_backend(),
                      jax_devices=[str(d) for d in jax.devices()], torch=torch.__version__,
@@ -133,10 +170,11 @@ def main():
     args = p.parse_args()
     result = run(args)
     print()
-    print(f"{'batch':>5} {'beams':>5} {'ours tok/s':>11} {'HF tok/s':>9} {'speedup':>8} {'compile s':>10}")
+    print(f"{'batch':>5} {'beams':>5} {'ours tok/s':>11} {'HF tok/s':>9} {'speedup':>8} {'cpu-time x':>10} "
+          f"{'compile s':>10}")
     for r in result["results"]:
         print(f"{r['batch']:>5} {r['num_beams']:>5} {r['ours_tokens_per_s']:>11.0f} {r['hf_tokens_per_s']:>9.0f} "
-              f"{r['speedup']:>8.2f} {r['ours_compile_s']:>10.1f}")
+              f"{r['speedup']:>8.2f} {r['speedup_cpu_time']:>10.2f} {r['ours_compile_s']:>10.1f}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

@@ -128,8 +128,9 @@ def test_cached_decoding_matches_teacher_forcing(style, converted, inputs):
     leaves = jax.tree_util.tree_leaves(cache)
     assert all(x.shape[0] == dec.shape[0] for x in leaves)  # batch-major: beam search can gather
     np.testing.assert_array_equal(cache["index"], [dec.shape[1]] * dec.shape[0])
-    assert cache["block_0"]["self_k"].shape == (dec.shape[0], max_len, cfg.num_heads * cfg.d_kv)
-    assert cache["block_0"]["cross_k"].shape == (dec.shape[0], enc.shape[1], cfg.num_heads * cfg.d_kv)
+    # head-major: the one-token attention reads keys/values without a transpose
+    assert cache["block_0"]["self_k"].shape == (dec.shape[0], cfg.num_heads, max_len, cfg.d_kv)
+    assert cache["block_0"]["cross_k"].shape == (dec.shape[0], cfg.num_heads, enc.shape[1], cfg.d_kv)
     err = rel_err(np.asarray(stepped)[dm], teacher[dm])
     print(f"{style}: cached vs teacher-forced rel err {err:.2e}")
     assert err <= 1e-5

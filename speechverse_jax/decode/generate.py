@@ -41,7 +41,7 @@ import numpy as np
 
 from speechverse_jax.decode.constraints import START, Constraint, next_states
 from speechverse_jax.models.speechverse import DTYPES, SpeechVerseConfig
-from speechverse_jax.models.t5 import T5
+from speechverse_jax.models.t5 import T5, expand_cache, reorder_cache
 
 NEG = -1.0e9  # HF's "impossible" score; finite so that sums and comparisons stay well defined
 
@@ -79,19 +79,47 @@ class SpecialTokens:
     pad: int
 
 
+def _banned(vocab: int, t: jax.Array, states: Optional[jax.Array], constraint: Optional[Constraint],
+            cfg: GenerateConfig, special: SpecialTokens):
+    """Tokens not allowed at step t: (bool mask broadcastable to `[n, V]` or None, next automaton
+    states `[n, V]` or None)."""
+    ban, nxt = None, None
+    if cfg.min_new_tokens:
+        ban = ((jnp.arange(vocab) == special.eos) & (t < cfg.min_new_tokens))[None]
+    if constraint is not None:
+        nxt = next_states(constraint, states, vocab)
+        ban = (nxt < 0) if ban is None else (ban | (nxt < 0))
+    return ban, nxt
+
+
 def _log_probs(logits: jax.Array, t: jax.Array, states: Optional[jax.Array], constraint: Optional[Constraint],
                cfg: GenerateConfig, special: SpecialTokens):
     """logits `[n, V]` at step t -> (masked log-probs `[n, V]` float32, next automaton states `[n, V]` or None)."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    vocab = logp.shape[-1]
-    if cfg.min_new_tokens:
-        ban_eos = (jnp.arange(vocab) == special.eos) & (t < cfg.min_new_tokens)
-        logp = jnp.where(ban_eos, -jnp.inf, logp)
-    nxt = None
-    if constraint is not None:
-        nxt = next_states(constraint, states, vocab)
-        logp = jnp.where(nxt >= 0, logp, -jnp.inf)
+    ban, nxt = _banned(logp.shape[-1], t, states, constraint, cfg, special)
+    if ban is not None:
+        logp = jnp.where(ban, -jnp.inf, logp)
     return logp, nxt
+
+
+def _greedy_pick(logits: jax.Array, ban: Optional[jax.Array]):
+    """(argmax token `[n]` of the logits outside `ban`, its masked log-prob `[n]`), without
+    materialising the `[n, V]` log-probs: the same values as `log_softmax` + mask + argmax (the
+    first maximum), in two plain reductions instead of XLA:CPU's slower arg-reduction."""
+    x = logits.astype(jnp.float32)
+    vocab = x.shape[-1]
+    top = jnp.max(x, axis=-1, keepdims=True)
+    log_norm = jnp.log(jnp.sum(jnp.exp(x - top), axis=-1))  # log_softmax's, from the unmasked logits
+    allowed = x if ban is None else jnp.where(ban, -jnp.inf, x)
+    best = jnp.max(allowed, axis=-1, keepdims=True)
+    tok = jnp.min(jnp.where(allowed == best, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
+    tok = jnp.minimum(tok, vocab - 1)  # NaN logits: no maximum found
+    picked = jnp.take_along_axis(x, tok[:, None], axis=-1)[:, 0]
+    logp = (picked - top[:, 0]) - log_norm
+    if ban is not None:
+        logp = jnp.where(jnp.take_along_axis(jnp.broadcast_to(ban, x.shape), tok[:, None], axis=-1)[:, 0],
+                         -jnp.inf, logp)
+    return tok, logp
 
 
 def greedy_search(step: StepFn, cache: Dict[str, Any], cfg: GenerateConfig, special: SpecialTokens,
@@ -116,11 +144,10 @@ def greedy_search(step: StepFn, cache: Dict[str, Any], cfg: GenerateConfig, spec
 
     def body(s):
         logits, cache = step(s["last"], s["cache"])
-        logp, nxt = _log_probs(logits, s["t"], s["states"], constraint, cfg, special)
-        # argmax of the logits themselves (as HF), masked where the log-probs are.
-        tok = jnp.argmax(jnp.where(jnp.isneginf(logp), -jnp.inf, logits.astype(jnp.float32)), axis=-1)
+        ban, nxt = _banned(logits.shape[-1], s["t"], s["states"], constraint, cfg, special)
+        # argmax of the logits themselves (as HF), outside the banned tokens
+        tok, tok_logp = _greedy_pick(logits, ban)
         tok = jnp.where(s["done"], special.pad, tok).astype(jnp.int32)
-        tok_logp = jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
         states = s["states"] if nxt is None else jnp.take_along_axis(nxt, tok[:, None], axis=-1)[:, 0]
         live = ~s["done"]
         return dict(
@@ -143,20 +170,11 @@ def _gather(x: jax.Array, idx: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def _reorder_cache(cache: Dict[str, Any], rows: jax.Array) -> Dict[str, Any]:
-    """Gather the self-attention keys/values along the batch axis (`rows` [b * k]). The other leaves
-    (cross-attention keys/values, encoder mask, index) are the same for every beam of an example,
-    and beams never move across examples, so they stay where they are."""
-
-    def move(path, x):
-        return jnp.take(x, rows, axis=0) if path[-1].key in ("self_k", "self_v") else x
-
-    return jax.tree_util.tree_map_with_path(move, cache)
-
-
 def beam_search(step: StepFn, cache: Dict[str, Any], cfg: GenerateConfig, special: SpecialTokens,
                 constraint: Optional[Constraint] = None) -> Generated:
-    """Beam search with k = cfg.num_beams. `cache` has batch b * k (each row repeated k times, adjacent)."""
+    """Beam search with k = cfg.num_beams. `cache` is `expand_cache(init_cache(...), k)`: b * k decoder
+    rows (the beams of an example adjacent); moving a hypothesis to another row moves only the
+    cache's small `slots` table (`reorder_cache`), never the keys/values."""
     k, steps = cfg.num_beams, cfg.max_new_tokens
     b = cache["index"].shape[0] // k
     wide = 2 * k  # candidates kept per step: enough that k of them are unfinished
@@ -201,7 +219,7 @@ def beam_search(step: StepFn, cache: Dict[str, Any], cfg: GenerateConfig, specia
         run_scores, run_idx = jax.lax.top_k(jnp.where(ended, top_scores + NEG, top_scores), k)
         beam_src = _gather(src, run_idx)
         flat_src = (jnp.arange(b)[:, None] * k + beam_src).reshape(b * k)
-        cache = _reorder_cache(cache, flat_src)
+        cache = reorder_cache(cache, flat_src)
 
         # Finished pool: only the top k candidates may enter, and only while the row is open.
         enters = ended & (jnp.arange(wide) < k)[None] & s["open"][:, None]
@@ -241,13 +259,14 @@ def _generate(model: T5, params: Any, encoder_hidden: jax.Array, encoder_mask: j
     special = SpecialTokens(t5.decoder_start_token_id, t5.eos_token_id, t5.pad_token_id)
     variables = {"params": params}
     cache = model.apply(variables, encoder_hidden, encoder_mask, cfg.max_new_tokens, method=T5.init_cache)
+    out_emb = model.apply(variables, method=T5.output_embedding)  # once, outside the loop
 
     def step(tokens, cache):
-        return model.apply(variables, tokens, cache, method=T5.decode_step)
+        return model.apply(variables, tokens, cache, output_embedding=out_emb, method=T5.decode_step)
 
     if cfg.num_beams == 1:
         return greedy_search(step, cache, cfg, special, constraint)
-    cache = jax.tree_util.tree_map(lambda x: jnp.repeat(x, cfg.num_beams, axis=0), cache)
+    cache = expand_cache(cache, cfg.num_beams)
     return beam_search(step, cache, cfg, special, constraint)
 
 
