@@ -144,10 +144,13 @@ def previous_stage_params(path: str, prefer: str = "best") -> Dict[str, np.ndarr
         # every process holds the whole (small) trainable tree and can re-shard it.
         everywhere = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(jax.devices()), ("all",)),
                                                 jax.sharding.PartitionSpec())
-        metadata = ocp.StandardCheckpointer().metadata(os.path.join(directory, str(step), "state")).item_metadata
-        target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=everywhere),
-                                        metadata.tree if hasattr(metadata, "tree") else metadata)
-        with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False)) as mgr:
+        handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                    "meta": ocp.JsonCheckpointHandler()}
+        with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
+                                   item_handlers=handlers) as mgr:
+            metadata = mgr.item_metadata(step)["state"]
+            target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=everywhere),
+                                            metadata.tree if hasattr(metadata, "tree") else metadata)
             state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
         return {k: np.asarray(v) for k, v in _flat(state["params"]).items()}
     raise FileNotFoundError(f"{path}: no checkpoint under {candidates}")
