@@ -1,6 +1,6 @@
 """The CPU demo: tiny pretrained backbones and the paper's three-stage curriculum on an espeak corpus.
 
-    speechverse-jax demo                      # profile 'full'  (about 25 minutes on 2 cores, estimated)
+    speechverse-jax demo                      # profile 'full'  (about 30 minutes on 2 cores, measured)
     speechverse-jax demo --profile quick      # the CI smoke profile (a few minutes)
 
 `get_config(profile)` returns the whole demo: backbone sizes and pretraining budgets, then a

@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the end-to-end demo on CPU: corpus, backbones, curriculum, evaluation")
     p.add_argument("--out", default="outputs/demo", help="output folder")
     p.add_argument("--profile", default="full", choices=("full", "quick", "convert-only"),
-                   help="full (about 20 min on 2 cores), quick (CI smoke), convert-only (conversion + API only)")
+                   help="full (about 30 min on 2 cores), quick (CI smoke), convert-only (conversion + API only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_demo)
     return parser
