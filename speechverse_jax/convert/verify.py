@@ -21,8 +21,19 @@ def _torch():
     except ImportError:
         raise RuntimeError("--verify runs the Hugging Face PyTorch models and needs torch: "
                            "pip install torch==2.13.0 (or pip install -e .[test])") from None
-    torch.set_grad_enabled(False)
     return torch
+
+
+def _without_grad(fn):
+    """Run `fn` under torch.no_grad() (a scope, so the caller's autograd state is left as it was)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with _torch().no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def compare(name: str, ours: np.ndarray, ref: np.ndarray, tolerance: float) -> Dict:
@@ -38,6 +49,7 @@ def compare(name: str, ours: np.ndarray, ref: np.ndarray, tolerance: float) -> D
             "ok": finite and max_rel <= tolerance}
 
 
+@_without_grad
 def verify_wavlm(hf_dir: str, cfg: WavLMConfig, params, tolerance: float = 1e-4, seed: int = 0,
                  seconds=(1.0, 0.55)) -> List[Dict]:
     """Every hidden state of HF `WavLMModel` vs ours on a padded batch of random audio."""
@@ -68,6 +80,7 @@ def verify_wavlm(hf_dir: str, cfg: WavLMConfig, params, tolerance: float = 1e-4,
     return results
 
 
+@_without_grad
 def verify_t5(hf_dir: str, cfg: T5Config, params, tolerance: float = 1e-4, seed: int = 0,
               enc_lengths=(12, 7), dec_lengths=(6, 4)) -> List[Dict]:
     """Encoder output and logits of HF `T5ForConditionalGeneration` vs ours, padded batch."""
