@@ -18,6 +18,10 @@ def test_quick_demo_runs_end_to_end(tmp_path):
                  "backbones/hf/t5/spiece.model"):
         assert os.path.exists(os.path.join(out, name)), name
     assert summary["backbones"]["max_rel_diff_vs_hf"] <= 1e-4
+    assert 0.0 <= summary["wavlm_pretraining"]["extra"]["dev_cer"]  # greedy CTC on held-out clips
+    t5 = summary["t5_pretraining"]
+    assert len(t5["text_tasks"]) == len(t5["extra"]["phase_losses"]) == 2  # copying, then the task mix
+    assert set(t5["text_tasks"][0]) == {"copy", "copy_random", "copy_stretched"}
     assert set(summary["stages"]) == {"stage1", "stage2_warmup", "stage2_multitask"}
     for stage in summary["stages"].values():
         assert stage["steps"] > 0 and stage["skipped_steps"] == 0

@@ -77,24 +77,35 @@ def build_backbones(config, corpus_dir: str, out_dir: str, progress: bool = True
     rows = read_rows(os.path.join(corpus_dir, "train.jsonl"))
     speech = [r for r in rows if r.get("transcript")]
     clips = [load_audio(os.path.join(corpus_dir, r["audio"])) for r in speech]
+    # held-out single-voice clips for the encoder's dev CER (SC clips mix two voices)
+    dev = [r for r in read_rows(os.path.join(corpus_dir, "dev.jsonl")) if r.get("transcript") and r["task"] != "sc"]
+    dev_clips = [load_audio(os.path.join(corpus_dir, r["audio"])) for r in dev]
     wavlm_cfg = WavLMConfig.from_hf(cfg.wavlm.to_dict())
     wavlm_params, wavlm_report = bb.pretrain_wavlm(
         wavlm_cfg, clips, [r["transcript"] for r in speech], steps=int(cfg.wavlm_steps),
-        batch_size=int(cfg.wavlm_batch), max_samples=int(cfg.wavlm_max_seconds * 16000), seed=int(config.seed), progress=progress, log=_say)
+        batch_size=int(cfg.wavlm_batch), max_samples=int(cfg.wavlm_max_seconds * 16000), seed=int(config.seed),
+        dev=(dev_clips, [r["transcript"] for r in dev]), progress=progress, log=_say)
     export_wavlm(wavlm_cfg, wavlm_params, os.path.join(hf_dir, "wavlm"))
 
     # the T5 learns to read its input from an endless stream of text tasks over the train sentences
     with open(os.path.join(corpus_dir, "corpus.json")) as f:
         made = json.load(f)
     families = sentence_families(made["profile"], int(made["seed"]))
-    stream = bb.TextTasks(families, kws_vocabulary(families), IC_LABELS,
-                          weights=dict(cfg.t5_tasks) if cfg.get("t5_tasks") else None)
     t5_cfg = T5Config.from_hf(dict(cfg.t5.to_dict(), vocab_size=vocab, pad_token_id=0, eos_token_id=1,
                                    decoder_start_token_id=0, is_encoder_decoder=True))
-    t5_params, t5_report = bb.pretrain_t5(t5_cfg, stream.sample, tokenizer, steps=int(cfg.t5_steps),
-                                          batch_size=int(cfg.t5_batch), lr=float(cfg.t5_lr),
-                                          warmup=int(cfg.t5_warmup), seed=int(config.seed),
-                                          progress=progress, log=_say)
+    # phases of text tasks, each from the last one's params: copying alone first, then the mix
+    t5_params, reports, t5_weights = None, [], []
+    for i, phase in enumerate(cfg.t5_phases):
+        stream = bb.TextTasks(families, kws_vocabulary(families), IC_LABELS, weights=dict(phase["tasks"]))
+        t5_params, rep = bb.pretrain_t5(t5_cfg, stream.sample, tokenizer, steps=int(phase["steps"]),
+                                        batch_size=int(cfg.t5_batch), lr=float(cfg.t5_lr),
+                                        warmup=max(int(phase["steps"]) // 12, 1), seed=int(config.seed) + i,
+                                        init_params=t5_params, progress=progress, log=_say)
+        reports.append(rep)
+        t5_weights.append(stream.weights)
+    t5_report = bb.PretrainReport("t5 (text tasks)", sum(r.steps for r in reports),
+                                  round(sum(r.seconds for r in reports), 1), reports[0].first_loss,
+                                  reports[-1].last_loss, {"phase_losses": [[r.first_loss, r.last_loss] for r in reports]})
     t5_report.extra.update(text_check(t5_cfg, t5_params, tokenizer, corpus_dir, task_names=tuple(cfg.text_check)))
     _say("T5 text-only check on dev (transcript + instruction): " + json.dumps(t5_report.extra))
     export_t5(t5_cfg, t5_params, tok_dir)
@@ -107,7 +118,7 @@ def build_backbones(config, corpus_dir: str, out_dir: str, progress: bool = True
         "base_dir": base_dir,
         "tokenizer_pieces": len(tokenizer),
         "wavlm": {**wavlm_report.__dict__, "config": cfg.wavlm.to_dict()},
-        "t5": {**t5_report.__dict__, "config": cfg.t5.to_dict(), "text_tasks": stream.weights},
+        "t5": {**t5_report.__dict__, "config": cfg.t5.to_dict(), "text_tasks": t5_weights},
         "max_rel_diff_vs_hf": max(r["max_rel"] for r in verify["verify"]["results"]),
         "seconds": round(time.time() - t0, 1),
     }
