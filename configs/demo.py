@@ -13,10 +13,12 @@ import ml_collections
 
 from speechverse_jax import config_lib
 
+DEMO_LORA_TARGETS = r".*/(self_attention|cross_attention|mlp)/(q|k|v|o|wi_0|wi_1|wo)$"
+
 PROFILES = {
     # steps: WavLM CTC, T5 text pretraining (copying alone, then the task mix), stage1,
     # stage2_warmup, stage2_multitask
-    "full": dict(wavlm_steps=800, t5_steps=(600, 600), stage_steps=(1600, 300, 1100), batch_size=16, vocab=1000,
+    "full": dict(wavlm_steps=800, t5_steps=(550, 550), stage_steps=(1100, 300, 950), batch_size=16, vocab=1000,
                  wavlm_hidden=192, wavlm_layers=4, conv=64, t5_width=192, t5_layers=3,
                  audio_buckets=(2.0, 4.0, 6.0)),
     "quick": dict(wavlm_steps=20, t5_steps=(15, 15), stage_steps=(6, 4, 10), batch_size=8, vocab=200,
@@ -61,7 +63,13 @@ def get_config(profile="full"):
                                     lr=3e-3 if stage == "stage1" else 2e-3, warmup_steps=max(steps // 10, 1),
                                     batch_size=p["batch_size"])
         s.model.lora.alpha = 16.0
-        s.model.lora.dropout = 0.05
+        # LoRA on every linear map of the tiny T5, not only q and v (the paper's XL layout): on
+        # this 192-wide T5, measured from the same stage 1, warm-up val loss 0.69 -> 0.60,
+        # multi-task val 0.96 -> 0.77, test IC 29% -> 55%, SNS 68% -> 93%. It doubles the CPU
+        # step time (0.30 -> 0.59 s multi-task), so the step budgets above are smaller; no LoRA
+        # dropout (0.05 cost 14% of the step for 54 dropout masks).
+        s.model.lora.target_regex = DEMO_LORA_TARGETS
+        s.model.lora.dropout = 0.0
         s.train.log_every = max(steps // 50, 1)
         s.train.eval_every = max(steps // 3, 1)
         s.train.checkpoint_every = max(steps // 3, 1)
