@@ -5,8 +5,8 @@
 
 `get_config(profile)` returns the whole demo: backbone sizes and pretraining budgets, then a
 curriculum config (same shape as configs/curriculum.py) whose stages the demo runs with cached
-encoder states. Everything is overridable from the command line, e.g.
-`--config.stage2_multitask.train.max_steps=2000`.
+encoder states. `speechverse-jax demo` takes no config overrides: to change a budget, edit
+`PROFILES` below (or call `speechverse_jax.demo.run.run_demo` with a patched `demo_config`).
 """
 
 import ml_collections
