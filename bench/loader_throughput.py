@@ -71,7 +71,7 @@ def _cpu_seconds() -> float:
 def measure_loader(data_config, num_batches: int = 30, warmup: int = 2, tokenizer: Any = None,
                    shard_index: Optional[int] = None, shard_count: Optional[int] = None) -> Dict[str, float]:
     """Time `num_batches` train batches after `warmup`; returns throughput numbers (a flat dict)."""
-    from speechverse_jax.data.pipeline import ManifestData
+    from speechverse_jax.data.loader import ManifestData
 
     t_build = time.perf_counter()
     data = ManifestData(data_config, tokenizer, shard_index=shard_index, shard_count=shard_count)
@@ -143,7 +143,7 @@ def train_step_consumption(profile: str = "full", batch_size: int = 16, seconds:
 
 
 def main(argv=None) -> Dict[str, float]:
-    from speechverse_jax.data.pipeline import default_data_config
+    from speechverse_jax.data.config import default_data_config
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--examples", type=int, default=256)

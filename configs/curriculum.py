@@ -1,28 +1,8 @@
 """The whole curriculum: stage1 -> stage2_warmup -> stage2_multitask, each from the previous best.
 
-    speechverse-jax curriculum --config configs/curriculum.py --workdir runs/wlm \
-        --config.base_checkpoint=checkpoints/base \
-        --config.data.train_manifests=... --config.data.eval_manifests=... \
-        --config.stage1.train.max_steps=5000
-
-Shared settings (`base_checkpoint`, `data.*` paths and tokenizer) are set once here and copied into
-every stage; per-stage settings live under `stage1`, `stage2_warmup`, `stage2_multitask`.
+A recipe to copy and edit: this file only re-exports the packaged config
+speechverse_jax/configs/curriculum.py (its docstring gives the command). `--config curriculum` names the packaged
+one from any folder; `--config configs/curriculum.py` names this file.
 """
 
-import os
-
-import ml_collections
-
-from speechverse_jax import config_lib
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def get_config(arg="wlm"):
-    config = ml_collections.ConfigDict()
-    config.order = list(config_lib.STAGES)
-    config.base_checkpoint = ""
-    config.data = ml_collections.ConfigDict(dict(train_manifests="", eval_manifests="", tokenizer=""))
-    for stage in config_lib.STAGES:
-        config[stage] = config_lib.load_config_file(os.path.join(HERE, f"{stage}.py"), arg)
-    return config
+from speechverse_jax.configs.curriculum import get_config  # noqa: F401

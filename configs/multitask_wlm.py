@@ -1,12 +1,8 @@
 """The paper's full-size model: WavLM-Large + conv 2x[k3, s2] + Flan-T5-XL with LoRA r16 on q, v.
 
-`arg` picks the layer combination: "wlm" (default, Multitask-WLM: the last layer) or "weighted"
-(the Best-RQ recipe's learnable weighted sum of all layers, Eq. 1). Used for shape checks and
-compile-only runs (Table 11: 28.3M trainable); the curriculum's stage configs share this model.
+A recipe to copy and edit: this file only re-exports the packaged config
+speechverse_jax/configs/multitask_wlm.py (its docstring gives the command). `--config multitask_wlm` names the packaged
+one from any folder; `--config configs/multitask_wlm.py` names this file.
 """
 
-from speechverse_jax import config_lib
-
-
-def get_config(arg=None):
-    return config_lib.paper_stage_config("stage2_multitask", arg)
+from speechverse_jax.configs.multitask_wlm import get_config  # noqa: F401

@@ -1,16 +1,8 @@
 """Curriculum stage 1 (paper Sec. 2.3): ASR only; the conv downsampler (and layer weights) train, no LoRA.
 
-    speechverse-jax train --config configs/stage1.py --workdir runs/wlm/stage1 \\
-        --config.base_checkpoint=checkpoints/base \\
-        --config.data.train_manifests=data/librispeech/train.jsonl,data/cv/asr_train.jsonl \\
-        --config.data.eval_manifests=data/librispeech/dev.jsonl
-
-`arg` (optional) picks the model layout: "wlm" (default: WavLM-Large last layer, strides [2, 2])
-or "weighted" (the weighted sum of all layers, the paper's Best-RQ setting).
+A recipe to copy and edit: this file only re-exports the packaged config
+speechverse_jax/configs/stage1.py (its docstring gives the command). `--config stage1` names the packaged
+one from any folder; `--config configs/stage1.py` names this file.
 """
 
-from speechverse_jax import config_lib
-
-
-def get_config(arg=None):
-    return config_lib.paper_stage_config("stage1", arg)
+from speechverse_jax.configs.stage1 import get_config  # noqa: F401

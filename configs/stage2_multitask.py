@@ -1,12 +1,8 @@
 """Curriculum stage 2b: all tasks mixed by `data.mix_weights`; downsampler + layer weights + LoRA train.
 
-    speechverse-jax train --config configs/stage2_multitask.py --workdir runs/wlm/stage2_multitask \\
-        --config.train.init_from=runs/wlm/stage2_warmup --config.base_checkpoint=checkpoints/base \\
-        --config.data.train_manifests=... --config.data.mix_weights="asr=0.3,st=0.15,ic=0.1,..."
+A recipe to copy and edit: this file only re-exports the packaged config
+speechverse_jax/configs/stage2_multitask.py (its docstring gives the command). `--config stage2_multitask` names the packaged
+one from any folder; `--config configs/stage2_multitask.py` names this file.
 """
 
-from speechverse_jax import config_lib
-
-
-def get_config(arg=None):
-    return config_lib.paper_stage_config("stage2_multitask", arg)
+from speechverse_jax.configs.stage2_multitask import get_config  # noqa: F401

@@ -29,3 +29,15 @@ def write_text(p, text: str) -> None:
 
 def copy(src, dst) -> None:
     epath.Path(src).copy(epath.Path(dst), overwrite=True)
+
+
+def is_remote(p) -> bool:
+    """True for URLs (`gs://...`, any `scheme://`), False for local paths."""
+    return "://" in str(p)
+
+
+def abs_path(p) -> str:
+    """Absolute local path; URLs unchanged (orbax wants absolute paths)."""
+    import os
+
+    return str(p) if is_remote(p) else os.path.abspath(str(p))

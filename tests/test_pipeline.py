@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from speechverse_jax.data import pipeline as P
+from speechverse_jax.data.config import default_data_config
+from speechverse_jax.data.loader import ManifestData
+from speechverse_jax.data.plan import mixture_counts, plan_epoch
+from speechverse_jax.data.tokenizer import TextEncoder
 from speechverse_jax.data import tasks as T
 from speechverse_jax.data.errors import DataError
 from speechverse_jax.data.manifest import read_manifest
@@ -56,11 +59,11 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def encoder(corpus):
-    return P.TextEncoder(corpus["tokenizer"])
+    return TextEncoder(corpus["tokenizer"])
 
 
 def _cfg(corpus, **overrides):
-    cfg = P.default_data_config()
+    cfg = default_data_config()
     cfg.train_manifests = corpus["manifest"]
     cfg.tokenizer = corpus["tokenizer"]
     cfg.batch_size = 8
@@ -77,7 +80,7 @@ def _cfg(corpus, **overrides):
 
 
 def _data(corpus, encoder, **overrides):
-    return P.ManifestData(_cfg(corpus, **overrides), encoder)
+    return ManifestData(_cfg(corpus, **overrides), encoder)
 
 
 def _take(it, n):
@@ -183,9 +186,9 @@ def test_partial_last_batch_is_padded_and_masked(corpus, encoder):
 
 
 def test_mixing_weights(corpus, encoder):
-    counts = P.mixture_counts([10, 30, 5], [0.5, 0.3, 0.2], 1000)
+    counts = mixture_counts([10, 30, 5], [0.5, 0.3, 0.2], 1000)
     assert list(counts) == [500, 300, 200]
-    plan = P.plan_epoch([np.ones(10), np.ones(30), np.ones(5)], [0.5, 0.3, 0.2], 0, 0, 50, 4, True, 1000)
+    plan = plan_epoch([np.ones(10), np.ones(30), np.ones(5)], [0.5, 0.3, 0.2], 0, 0, 50, 4, True, 1000)
     first = np.concatenate(plan.batches[:4])  # 200 positions in 4 batches: proportions hold locally too
     assert abs(np.mean(plan.source[first] == 0) - 0.5) < 0.12
     assert sum(len(b) for b in plan.batches) == 1000
@@ -242,7 +245,7 @@ def test_sharding_splits_rows_and_keeps_shapes(corpus, encoder):
         assert np.array_equal(np.concatenate([h0["audio"], h1["audio"]]), f["audio"])
     import grain
 
-    opts = P.ManifestData(_cfg(corpus), encoder, shard_options=grain.sharding.ShardOptions(1, 2))
+    opts = ManifestData(_cfg(corpus), encoder, shard_options=grain.sharding.ShardOptions(1, 2))
     assert _same(next(opts.train_iterator()), halves[1][0])
     with pytest.raises(ValueError, match="divide"):
         _data(corpus, encoder, batch_size=6, shard_index=0, shard_count=4)

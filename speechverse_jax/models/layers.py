@@ -7,14 +7,19 @@ the rules table in the config (see docs/architecture.md for the axis vocabulary)
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from speechverse_jax import rules
+
 Dtype = Any
+
+# LoRA on the query and value projections of every T5 attention (the paper's layout); a module
+# path regex, matched with re.fullmatch like every rule (speechverse_jax/rules.py).
+DEFAULT_LORA_TARGETS = r".*/(self_attention|cross_attention)/(q|v)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,21 +34,21 @@ class LoRAConfig:
     rank: int = 16
     alpha: float = 32.0
     dropout: float = 0.0
-    target_regex: str = r".*/(self_attention|cross_attention)/(q|v)$"
+    target_regex: str = DEFAULT_LORA_TARGETS
 
     def __post_init__(self):
         if self.rank <= 0:
             raise ValueError(f"lora.rank must be positive, got {self.rank}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
-        re.compile(self.target_regex)
+        rules.compile_rule(self.target_regex, "model.lora.target_regex")
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
 
     def matches(self, module_path: str) -> bool:
-        return re.fullmatch(self.target_regex, module_path) is not None
+        return rules.matches(self.target_regex, module_path)
 
 
 def module_path(module: nn.Module) -> str:

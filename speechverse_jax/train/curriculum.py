@@ -20,7 +20,7 @@ DONE = "DONE.json"
 
 def make_data(config) -> TrainData:
     """The manifest pipeline of `config.data`; the tokenizer defaults to the base checkpoint's."""
-    from speechverse_jax.data.pipeline import ManifestData
+    from speechverse_jax.data.loader import ManifestData
 
     if not config.data.tokenizer:
         if not config.base_checkpoint:

@@ -1,34 +1,28 @@
 """Grain input pipeline: manifests -> fixed-size, bucketed, padded numpy batches.
 
-    data = ManifestData(config.data)            # config.data = default_data_config() + overrides
+    data = ManifestData(config.data)            # config.data: data/config.py default_data_config()
     it = data.train_iterator()                   # next(it) -> batch; it.get_state() / set_state()
     for batch in data.eval_batches(): ...
     data.stats()                                 # {'skipped/<reason>': n, 'filtered/<reason>': n}
 
 How a batch is made (all of it a pure function of the config, the manifests and the batch index):
- 1. Manifests are read once into `Example`s grouped by task (one source per task). Bad lines are
+ 1. Manifests are read once into `Example`s grouped by task (data/sources.py). Bad lines are
     counted (`errors.DataStats`), audio over `max_audio_seconds` is dropped and counted (or cut
     into windows for `chunk_tasks` when `long_audio='chunk'`), targets over `max_target_tokens`
     are dropped and counted, tasks outside `mix_weights` are counted as `task_not_in_mix`.
- 2. Epoch `e` is `epoch_examples` stream positions (default: all examples once). Each task gets
-    a share equal to its normalised `mix_weights` (largest-remainder rounding; no weights =
-    proportional to size). A task's examples are walked in a seeded permutation that is redrawn
-    each time the task wraps around; the tasks' slots are interleaved in a seeded order.
- 3. Bucketing: consecutive windows of `bucket_window` global batches are sorted by duration and
-    cut into batches of `batch_size`; the full batches of the epoch are shuffled (seeded). At most
-    one batch per epoch is partial: it comes last and is padded with masked-out rows
-    (`example_mask=False`), so every step has the same batch size.
- 4. The global batch is planned identically on every process: audio is padded to the smallest
+ 2. The epoch plan (data/plan.py) mixes the tasks, orders them and cuts bucketed batches. A
+    partial last batch is padded with masked-out rows (`example_mask=False`), so every step has
+    the same batch size.
+ 3. The global batch is planned identically on every process: audio is padded to the smallest
     `audio_buckets_seconds` entry that holds its longest clip, instruction and target ids to the
     smallest `instruction_buckets` / `target_buckets` entry that holds their longest row. Process
     `p` of `n` then loads rows `[p*B/n, (p+1)*B/n)`; shapes agree across processes, and there are
     at most len(audio) x len(instruction) x len(target) bucket shapes.
- 5. Per-row decisions (prompt index, joint decoding, label descriptions) come from a seeded draw
-    per stream position, so the same batch index always gives the same batch. The iterator state
-    is the next batch index plus the counters: `set_state` restarts exactly there.
- 6. Audio that fails at load time (missing, unreadable, empty, NaN/inf, longer than its manifest
+ 4. The iterator state is the next batch index plus the counters: `set_state` restarts exactly there.
+ 5. Audio that fails at load time (missing, unreadable, empty, NaN/inf, longer than its manifest
     duration says) turns its row into a masked-out row and is counted; `strict=True` raises
     `DataError` naming the manifest file and line instead.
+ 6. The tokenizer is loaded once, in the constructing thread, before any reader thread starts.
 
 Batch (numpy; what the train step consumes; B = batch_size / process count):
     audio [B, S] float32, audio_mask [B, S] bool, instruction_ids [B, I] int32,
@@ -36,33 +30,6 @@ Batch (numpy; what the train step consumes; B = batch_size / process count):
     target_mask [B, T] bool, task_id [B] int32 (index into tasks.TASK_NAMES),
     example_mask [B] bool, and `meta` (a dict the train step ignores: epoch, batch, ids, tasks,
     instructions, choices, joint, skipped).
-
-Config section (`default_data_config()`; sizes in seconds, tokens or examples):
-    train_manifests / eval_manifests   comma-separated paths (a list works too in Python)
-    tokenizer            folder with spiece.model / tokenizer.json (T5 tokenizer)
-    batch_size           global batch size (all processes together)
-    seed, shuffle        order; shuffle=False walks the tasks in name order, each in manifest order
-    mix_weights          'asr=0.5,ic=0.2' (or a {task: weight} dict): each task's share of the stream
-                         ('' = by data size; tasks left out are counted as task_not_in_mix)
-    epoch_examples       stream positions per epoch (0 = number of usable examples)
-    num_epochs           0 = endless
-    sample_rate          16000
-    audio_buckets_seconds, instruction_buckets, target_buckets   the padded lengths
-    max_audio_seconds    longer audio is dropped (or chunked); must fit the largest audio bucket
-    max_target_tokens    longer targets are dropped (paper: 600); must fit the largest target bucket
-    long_audio, chunk_tasks   'drop' | 'chunk' (windows of <= max_audio_seconds, for chunk_tasks)
-    bucket_window        batches per duration-sorted window (1 = no sorting)
-    prompt_split, eval_prompt_split   'seen' | 'unseen'
-    with_labels          list label sets in classification / slot prompts
-    descriptions_share   share of those prompts that also describe each label
-    label_overrides      {task: [labels] or {label: description}}
-    joint_tasks, joint_share   share of examples of joint_tasks (with a `transcript` field)
-                         turned into joint-decoding examples (ASR first, then the task)
-    strict, max_logged_errors   bad input raises / how many offenders are logged
-    probe_durations, check_files   read missing durations from file headers / stat local files
-    worker_count, worker_buffer   grain worker processes (0 = in process) and their buffers
-    read_threads, prefetch        threads loading batches, and batches read ahead
-    shard_index, shard_count      -1 = jax.process_index() / jax.process_count()
 """
 
 from __future__ import annotations
@@ -71,298 +38,25 @@ import dataclasses
 import logging
 import math
 import threading
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
-import ml_collections
 import numpy as np
 
 from speechverse_jax.data import tasks as tasks_lib
 from speechverse_jax.data.audio import AudioError, load_audio
+from speechverse_jax.data.config import mix_weights, plain, validate_config
 from speechverse_jax.data.errors import DataStats
 from speechverse_jax.data.manifest import Example, read_manifests, split_paths
+from speechverse_jax.data.plan import EpochPlan, bucket, plan_epoch
+from speechverse_jax.data.sources import Source, build_sources
+from speechverse_jax.data.tokenizer import TextEncoder
 
 log = logging.getLogger(__name__)
 
-_SLACK = 16  # samples of resampling slack between a manifest duration and the decoded length
 _PAD_AUDIO_SECONDS = 0.5  # valid (silent) audio in masked-out rows, so no row is fully masked
 _ENDLESS = 2**40
 
 
-def default_data_config() -> ml_collections.ConfigDict:
-    """The `config.data` section (see the module docstring for each field)."""
-    return ml_collections.ConfigDict(dict(
-        train_manifests="",  # comma-separated (a string, so the command line can override it)
-        eval_manifests="",
-        tokenizer="",
-        batch_size=32,
-        seed=0,
-        shuffle=True,
-        mix_weights="",  # 'asr=0.5,ic=0.2' ('' = by data size)
-        epoch_examples=0,
-        num_epochs=0,
-        sample_rate=16000,
-        audio_buckets_seconds=(2.0, 4.0, 8.0, 15.0, 30.0),
-        instruction_buckets=(64, 256, 512),
-        target_buckets=(32, 128, 600),
-        max_audio_seconds=30.0,
-        max_target_tokens=600,
-        long_audio="drop",
-        chunk_tasks=("sns", "ac"),
-        bucket_window=16,
-        prompt_split="seen",
-        eval_prompt_split="seen",
-        with_labels=True,
-        descriptions_share=0.0,
-        label_overrides={},
-        joint_tasks=tasks_lib.JOINT_TASKS_DEFAULT,
-        joint_share=0.0,
-        strict=False,
-        max_logged_errors=10,
-        probe_durations=True,
-        check_files=True,
-        worker_count=0,
-        worker_buffer=2,
-        read_threads=2,
-        prefetch=4,
-        shard_index=-1,
-        shard_count=-1,
-    ))
-
-
-def _cfg_get(cfg, key, default=None):
-    try:
-        value = cfg[key]
-    except (KeyError, AttributeError):
-        return default
-    return default if value is None else value
-
-
-def mix_weights(cfg) -> Dict[str, float]:
-    """`mix_weights` as {task: weight}; also accepts the string form 'asr=0.5,ic=0.2' (CLI)."""
-    raw = _cfg_get(cfg, "mix_weights", {}) or {}
-    if isinstance(raw, str):
-        pairs = [p.split("=", 1) if "=" in p else p.split(":", 1) for p in raw.split(",") if p.strip()]
-        raw = {k: v for k, v in pairs}
-    return {str(k).strip().lower(): float(v) for k, v in _plain(raw).items()}
-
-
-def _plain(value):
-    """ConfigDict / FrozenConfigDict values -> plain dicts and tuples."""
-    if hasattr(value, "to_dict"):
-        return value.to_dict()
-    return value
-
-
-# --------------------------------------------------------------------------------------------
-# Tokenizer
-# --------------------------------------------------------------------------------------------
-
-class TextEncoder:
-    """T5 tokenizer from a folder, loaded lazily (so it travels to worker processes as a path).
-
-    `encode(texts)` -> list of id lists, each ending with EOS.
-    """
-
-    def __init__(self, folder: str = "", tokenizer: Any = None):
-        if not folder and tokenizer is None:
-            raise ValueError("data.tokenizer: give a folder holding spiece.model / tokenizer.json")
-        self.folder, self._tok = folder, tokenizer
-
-    @property
-    def tokenizer(self):
-        if self._tok is None:
-            from speechverse_jax.api import load_tokenizer
-
-            self._tok = load_tokenizer(self.folder)
-        return self._tok
-
-    @property
-    def eos_id(self) -> int:
-        return int(self.tokenizer.eos_token_id)
-
-    def encode(self, texts: Sequence[str]) -> List[List[int]]:
-        if not texts:
-            return []
-        ids = self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
-        eos = self.eos_id
-        return [list(x) if x and x[-1] == eos else list(x) + [eos] for x in ids]
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        if self.folder:
-            state["_tok"] = None
-        return state
-
-
-# --------------------------------------------------------------------------------------------
-# Sources: examples grouped by task, after filters
-# --------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Source:
-    """The usable examples of one task; `samples[i]` is the planned audio length of example i."""
-
-    task: str
-    examples: List[Example]
-    samples: np.ndarray  # int64 [n]
-    has_transcript: np.ndarray  # bool [n]
-
-
-def chunk_example(ex: Example, max_seconds: float) -> List[Example]:
-    """Cut a clip into ceil(duration / max_seconds) equal windows (segments) that all fit."""
-    n = int(math.ceil(ex.duration / max_seconds - 1e-9))
-    length = ex.duration / n
-    return [dataclasses.replace(ex, offset=ex.offset + i * length, duration=length, segment=True,
-                                id=f"{ex.id}#{i}", fields=dict(ex.fields)) for i in range(n)]
-
-
-def build_sources(examples: Sequence[Example], cfg, encoder: Optional[TextEncoder], stats: DataStats,
-                  use_weights: bool = True) -> Dict[str, Source]:
-    """Group by task and apply the config's filters (each exclusion counted in `stats`)."""
-    sr = int(cfg.sample_rate)
-    max_s = float(cfg.max_audio_seconds)
-    weights = mix_weights(cfg) if use_weights else {}
-    chunk_tasks = set(_cfg_get(cfg, "chunk_tasks", ())) if cfg.long_audio == "chunk" else set()
-    if cfg.long_audio not in ("drop", "chunk"):
-        raise ValueError(f"data.long_audio must be 'drop' or 'chunk', got {cfg.long_audio!r}")
-    kept: List[Example] = []
-    for ex in examples:
-        if weights and weights.get(ex.task, 0.0) <= 0:
-            stats.record("task_not_in_mix", ex.where, ex.task)
-            continue
-        if ex.duration > max_s + 1e-9:
-            if ex.task in chunk_tasks:
-                windows = chunk_example(ex, max_s)
-                stats.record("chunked_windows", ex.where, n=len(windows))
-                kept.extend(windows)
-                continue
-            stats.record("audio_too_long", ex.where, f"{ex.duration:.2f}s > {max_s}s")
-            continue
-        kept.append(ex)
-    # Targets: a T5 piece covers >= 1 character, so only long strings need tokenising.
-    max_t = int(cfg.max_target_tokens)
-    long_ix = [i for i, ex in enumerate(kept) if len(ex.target) + 2 > max_t]
-    drop = set()
-    if long_ix:
-        if encoder is None:
-            raise ValueError("a tokenizer is needed to apply max_target_tokens")
-        lengths = [len(x) for x in encoder.encode([kept[i].target for i in long_ix])]
-        for i, n in zip(long_ix, lengths):
-            if n > max_t:
-                drop.add(i)
-                stats.record("target_too_long", kept[i].where, f"{n} tokens > {max_t}")
-    by_task: Dict[str, List[Example]] = {}
-    for i, ex in enumerate(kept):
-        if i not in drop:
-            by_task.setdefault(ex.task, []).append(ex)
-    out = {}
-    for task in sorted(by_task):
-        exs = by_task[task]
-        samples = np.array([int(math.ceil(ex.duration * sr)) + _SLACK for ex in exs], np.int64)
-        has_tr = np.array([bool(ex.fields.get("transcript")) for ex in exs], bool)
-        out[task] = Source(task, exs, samples, has_tr)
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Epoch plan (pure numpy; identical on every process)
-# --------------------------------------------------------------------------------------------
-
-def mixture_counts(sizes: Sequence[int], weights: Optional[Sequence[float]], total: int) -> np.ndarray:
-    """Examples per source in an epoch of `total`: proportional to `weights` (default: sizes),
-    rounded by largest remainder so they sum to `total`."""
-    sizes = np.asarray(sizes, np.float64)
-    w = sizes if weights is None else np.asarray(weights, np.float64)
-    if (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"mixing weights must be >= 0 with a positive sum, got {list(w)}")
-    exact = w / w.sum() * total
-    counts = np.floor(exact).astype(np.int64)
-    rest = int(total - counts.sum())
-    if rest:
-        order = np.argsort(-(exact - counts), kind="stable")
-        counts[order[:rest]] += 1
-    return counts
-
-
-@dataclasses.dataclass
-class EpochPlan:
-    """Stream positions of one epoch and how they are batched.
-
-    source/index [E]: which example sits at each position; choice/joint_u/desc_u [E]: the
-    per-position draws; batches: position arrays, all of length batch_size except maybe the last.
-    """
-
-    source: np.ndarray
-    index: np.ndarray
-    choice: np.ndarray
-    joint_u: np.ndarray
-    desc_u: np.ndarray
-    batches: List[np.ndarray]
-
-
-def _source_positions(n: int, start: int, count: int, seed: int, source: int, shuffle: bool) -> np.ndarray:
-    """Elements [start, start+count) of a source's endless walk: a new permutation per pass."""
-    k = np.arange(start, start + count, dtype=np.int64)
-    if not shuffle:
-        return k % n
-    out = np.empty(count, np.int64)
-    cycles = k // n
-    for c in np.unique(cycles):
-        perm = np.random.default_rng([seed, 1, source, int(c)]).permutation(n)
-        sel = cycles == c
-        out[sel] = perm[k[sel] % n]
-    return out
-
-
-def plan_epoch(samples: Sequence[np.ndarray], weights: Optional[Sequence[float]], epoch: int, seed: int,
-               batch_size: int, window: int, shuffle: bool, total: int,
-               keys: Optional[Sequence[int]] = None) -> EpochPlan:
-    """The epoch's stream (mixed sources) and its bucketed batches; see the module docstring.
-
-    samples: per source, the planned audio length of each example; keys: a stable id per source
-    (the task id) so a source's order does not change when other sources are added.
-    """
-    sizes = [len(s) for s in samples]
-    keys = list(range(len(sizes))) if keys is None else list(keys)
-    counts = mixture_counts(sizes, weights, total)
-    src = np.repeat(np.arange(len(sizes), dtype=np.int32), counts)
-    idx = np.concatenate([_source_positions(n, epoch * c, c, seed, keys[s], shuffle)
-                          for s, (n, c) in enumerate(zip(sizes, counts))]) if total else np.zeros(0, np.int64)
-    if shuffle:
-        order = np.random.default_rng([seed, 2, epoch]).permutation(total)
-        src, idx = src[order], idx[order]
-    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    lengths = np.concatenate([np.asarray(s, np.int64) for s in samples])[offsets[src] + idx] if total \
-        else np.zeros(0, np.int64)
-    batches: List[np.ndarray] = []
-    span = max(int(window), 1) * batch_size
-    for start in range(0, total, span):
-        pos = np.arange(start, min(start + span, total))
-        if window > 1:
-            pos = pos[np.argsort(-lengths[pos], kind="stable")]
-        batches.extend(pos[i:i + batch_size] for i in range(0, len(pos), batch_size))
-    full = [b for b in batches if len(b) == batch_size]
-    partial = [b for b in batches if len(b) < batch_size]
-    if shuffle and full:
-        full = [full[i] for i in np.random.default_rng([seed, 3, epoch]).permutation(len(full))]
-    rng = np.random.default_rng([seed, 4, epoch])
-    return EpochPlan(src, idx, rng.integers(0, 2**31 - 1, total), rng.random(total), rng.random(total),
-                     full + partial)
-
-
-def bucket(n: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket >= n (ValueError if none)."""
-    for b in sorted(buckets):
-        if n <= b:
-            return int(b)
-    raise ValueError(f"length {n} is larger than every bucket {sorted(buckets)}")
-
-
-# --------------------------------------------------------------------------------------------
-# Batch loading (runs in grain threads / worker processes)
-# --------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
 class _Row:
     example: Example
     task_id: int
@@ -395,8 +89,8 @@ class BatchLoader:
         self.prompt_split = prompt_split
         self.with_labels = None if cfg.with_labels else False
         self.descriptions_share = float(cfg.descriptions_share)
-        self.label_overrides = _plain(cfg.label_overrides) or {}
-        self.joint_tasks = set(_cfg_get(cfg, "joint_tasks", ()))
+        self.label_overrides = plain(cfg.label_overrides) or {}
+        self.joint_tasks = set(cfg.joint_tasks)
         self.joint_share = float(joint_share)
         self.batches_per_epoch = max(int(math.ceil(total / self.batch_size)), 1)
         self._plans: Dict[int, EpochPlan] = {}
@@ -529,8 +223,8 @@ class BatchLoader:
 def _shard(cfg, shard_index: Optional[int], shard_count: Optional[int], shard_options=None) -> Tuple[int, int]:
     if shard_options is not None:
         return int(shard_options.shard_index), int(shard_options.shard_count)
-    idx = shard_index if shard_index is not None else int(_cfg_get(cfg, "shard_index", -1))
-    cnt = shard_count if shard_count is not None else int(_cfg_get(cfg, "shard_count", -1))
+    idx = shard_index if shard_index is not None else int(cfg.shard_index)
+    cnt = shard_count if shard_count is not None else int(cfg.shard_count)
     if idx < 0 or cnt < 0:
         import jax
 
@@ -540,21 +234,6 @@ def _shard(cfg, shard_index: Optional[int], shard_count: Optional[int], shard_op
         raise ValueError(f"shard_index {idx} must be in [0, {cnt})")
     return idx, cnt
 
-
-def validate_config(cfg) -> None:
-    """Raise ValueError for settings that cannot work together."""
-    sr = int(cfg.sample_rate)
-    if int(cfg.batch_size) <= 0:
-        raise ValueError(f"data.batch_size must be > 0, got {cfg.batch_size}")
-    if float(cfg.max_audio_seconds) * sr > max(cfg.audio_buckets_seconds) * sr + 1e-6:
-        raise ValueError(f"data.max_audio_seconds={cfg.max_audio_seconds} does not fit the largest audio bucket "
-                         f"({max(cfg.audio_buckets_seconds)}s)")
-    if int(cfg.max_target_tokens) > max(cfg.target_buckets):
-        raise ValueError(f"data.max_target_tokens={cfg.max_target_tokens} is larger than the largest target "
-                         f"bucket ({max(cfg.target_buckets)})")
-    for split in (cfg.prompt_split, _cfg_get(cfg, "eval_prompt_split", "seen")):
-        if split not in ("seen", "unseen"):
-            raise ValueError(f"prompt split must be 'seen' or 'unseen', got {split!r}")
 
 
 class Pipeline:
@@ -571,7 +250,7 @@ class Pipeline:
         if not self.manifests:
             raise ValueError(f"no {'train' if train else 'eval'} manifests configured")
         self.build_stats = DataStats(strict=bool(cfg.strict), max_logged=int(cfg.max_logged_errors))
-        examples = read_manifests(self.manifests, self.build_stats, label_overrides=_plain(cfg.label_overrides) or {},
+        examples = read_manifests(self.manifests, self.build_stats, label_overrides=plain(cfg.label_overrides) or {},
                                   probe=bool(cfg.probe_durations), check_files=bool(cfg.check_files))
         self.sources = build_sources(examples, cfg, encoder, self.build_stats, use_weights=train)
         if not self.sources:
@@ -584,13 +263,13 @@ class Pipeline:
                 log.warning("mix_weights names tasks without usable examples: %s", missing)
             weights = [mix[t] for t in self.sources]
         n = sum(len(s.examples) for s in self.sources.values())
-        total = int(_cfg_get(cfg, "epoch_examples", 0)) if train else 0
+        total = int(cfg.epoch_examples) if train else 0
         self.epoch_examples = total or n
         self.num_epochs = int(cfg.num_epochs) if train else 1
         self.loader = BatchLoader(
             self.sources, cfg, encoder, shuffle=bool(cfg.shuffle) and train, weights=weights,
             total=self.epoch_examples, shard_index=self.shard_index, shard_count=self.shard_count,
-            prompt_split=cfg.prompt_split if train else _cfg_get(cfg, "eval_prompt_split", "seen"),
+            prompt_split=cfg.prompt_split if train else cfg.eval_prompt_split,
             joint_share=float(cfg.joint_share) if train else 0.0)
         self.batches_per_epoch = self.loader.batches_per_epoch
         if self.build_stats.counts:
@@ -711,6 +390,7 @@ class ManifestData:
         self.config = config
         self.task_names = list(tasks_lib.TASK_NAMES)
         self.encoder = tokenizer if isinstance(tokenizer, TextEncoder) else TextEncoder(config.tokenizer, tokenizer)
+        self.encoder.tokenizer  # load it here, before grain's reader threads or workers start
         self._shard = dict(shard_index=shard_index, shard_count=shard_count, shard_options=shard_options)
         self.train = Pipeline(config.train_manifests, config, self.encoder, train=True, **self._shard) \
             if split_paths(config.train_manifests) else None

@@ -1,26 +1,40 @@
 """The CPU demo: tiny pretrained backbones and the paper's three-stage curriculum on an espeak corpus.
 
-    speechverse-jax demo                      # profile 'full'  (about 30 minutes on 2 cores, measured)
-    speechverse-jax demo --profile quick      # the CI smoke profile (a few minutes)
+    speechverse-jax demo                                   # profile 'full' (about 30 minutes on 2 cores)
+    speechverse-jax demo --config demo:quick               # the CI smoke profile (a few minutes)
+    speechverse-jax demo --config.stage2_multitask.train.max_steps=500 --config.corpus.sizes.train.ic=600
 
-`get_config(profile)` returns the whole demo: backbone sizes and pretraining budgets, then a
-curriculum config (same shape as configs/curriculum.py) whose stages the demo runs with cached
-encoder states. `speechverse-jax demo` takes no config overrides: to change a budget, edit
-`PROFILES` below (or call `speechverse_jax.demo.run.run_demo` with a patched `demo_config`).
+`get_config(profile)` returns the whole demo: the corpus (examples per split and task), backbone
+sizes and pretraining budgets, then a curriculum config (same shape as the `curriculum` config)
+whose stages the demo runs with cached encoder states. Every field takes a `--config.a.b=value`
+override. Why each budget is what it is: docs/demo_experiments.md.
 """
 
 import ml_collections
 
-from speechverse_jax import config_lib
+from speechverse_jax.configs import common
 
-DEMO_LORA_TARGETS = r".*/(self_attention|cross_attention|mlp)/(q|k|v|o|wi_0|wi_1|wo)$"
+DEMO_LORA_TARGETS = r".*/(self_attention|cross_attention|mlp)/(q|k|v|o|wi_0|wi_1|wo)"
+DEMO_TASKS = ("asr", "ic", "sf", "kws", "kwe", "ac", "sc", "sns", "open")
+
+# Examples per split and task of the espeak corpus.
+CORPUS_SIZES = {
+    "full": {
+        "train": {"asr": 600, "ic": 420, "sf": 420, "kws": 360, "kwe": 360, "ac": 400, "sc": 320,
+                  "sns": 320, "open": 300},
+        "dev": {t: 35 for t in DEMO_TASKS},
+        "test": {t: 56 for t in DEMO_TASKS},
+    },
+    "quick": {
+        "train": {t: 20 for t in DEMO_TASKS},
+        "dev": {t: 4 for t in DEMO_TASKS},
+        "test": {t: 6 for t in DEMO_TASKS},
+    },
+}
 
 PROFILES = {
     # steps: WavLM CTC, T5 text pretraining (copying alone, then the task mix), stage1,
-    # stage2_warmup, stage2_multitask. A short LoRA warm-up: from the same stage 1, 100 warm-up
-    # steps instead of 300 gave multi-task val 0.78 vs 0.80 and test IC 43% vs 32%, SNS 91 vs 86,
-    # SF 44 vs 41 (ASR WER 52 vs 48); better warm-ups (rank 16, or a stronger stage 1) came before
-    # worse multi-task stages (docs/demo_experiments.md).
+    # stage2_warmup, stage2_multitask (each budget measured: docs/demo_experiments.md).
     "full": dict(wavlm_steps=800, t5_steps=(550, 550), stage_steps=(1100, 100, 950), batch_size=16, vocab=1000,
                  wavlm_hidden=192, wavlm_layers=4, conv=64, t5_width=192, t5_layers=3,
                  audio_buckets=(2.0, 4.0, 6.0)),
@@ -30,10 +44,14 @@ PROFILES = {
 
 
 def get_config(profile="full"):
-    p = PROFILES[profile or "full"]
+    profile = profile or "full"
+    if profile not in PROFILES:
+        raise ValueError(f"demo profile must be one of {sorted(PROFILES)}, got {profile!r}")
+    p = PROFILES[profile]
     config = ml_collections.ConfigDict()
-    config.profile = profile or "full"
+    config.profile = profile
     config.seed = 0
+    config.corpus = dict(sizes=CORPUS_SIZES[profile], workers=2)
     config.backbones = dict(
         wavlm=dict(hidden_size=p["wavlm_hidden"], num_hidden_layers=p["wavlm_layers"], num_attention_heads=4,
                    intermediate_size=p["wavlm_hidden"] * 8 // 3, conv_dim=[p["conv"]] * 7, conv_kernel=[10, 3, 3, 3, 3, 2, 2], conv_stride=[5, 2, 2, 2, 2, 2, 2],
@@ -48,10 +66,7 @@ def get_config(profile="full"):
         wavlm_steps=p["wavlm_steps"],
         wavlm_batch=8,
         wavlm_max_seconds=4.0,  # CTC sees clips up to this long (about 96% of the corpus)
-        # the T5 reads an endless stream of text tasks over the train sentences (demo/backbones.py
-        # TextTasks), no dropout, nothing repeats. Phase 1 is copying alone (dev copy WER 8% after
-        # 600 steps; mixed with the other tasks from the start it was 41% after 2,000), phase 2 the
-        # mix, still mostly copying, so the T5 keeps reading its input.
+        # text pretraining phases: copying alone, then the task mix (docs/demo_experiments.md)
         t5_phases=[dict(steps=p["t5_steps"][0], tasks=dict(copy=0.5, copy_random=0.3, copy_stretched=0.2)),
                    dict(steps=p["t5_steps"][1], tasks=dict(copy=0.3, copy_random=0.15, copy_stretched=0.15, ic=0.1,
                                                            sf=0.09, kws=0.08, kwe=0.05, open=0.04, joint=0.04))],
@@ -59,18 +74,14 @@ def get_config(profile="full"):
         t5_lr=2e-3,
         text_check=("asr", "ic", "kws", "kwe", "sf") if profile != "quick" else ("asr",),  # T5 alone on dev text
     )
-    config.order = list(config_lib.STAGES)
-    for stage, steps in zip(config_lib.STAGES, p["stage_steps"]):
-        s = config_lib.stage_config(stage, model_kwargs=dict(layer_combination="weighted", strides=(2, 2),
+    config.order = list(common.STAGES)
+    for stage, steps in zip(common.STAGES, p["stage_steps"]):
+        s = common.stage_config(stage, model_kwargs=dict(layer_combination="weighted", strides=(2, 2),
                                                              lora_rank=8), max_steps=steps,
                                     lr=3e-3 if stage == "stage1" else 2e-3, warmup_steps=max(steps // 10, 1),
                                     batch_size=p["batch_size"])
         s.model.lora.alpha = 16.0
-        # LoRA on every linear map of the tiny T5, not only q and v (the paper's XL layout): on
-        # this 192-wide T5, measured from the same stage 1, warm-up val loss 0.69 -> 0.60,
-        # multi-task val 0.96 -> 0.77, test IC 29% -> 55%, SNS 68% -> 93%. It doubles the CPU
-        # step time (0.30 -> 0.59 s multi-task), so the step budgets above are smaller; no LoRA
-        # dropout (0.05 cost 14% of the step for 54 dropout masks).
+        # LoRA on every linear map of the tiny T5, no LoRA dropout (docs/demo_experiments.md)
         s.model.lora.target_regex = DEMO_LORA_TARGETS
         s.model.lora.dropout = 0.0
         s.train.log_every = max(steps // 50, 1)

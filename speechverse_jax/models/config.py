@@ -1,0 +1,76 @@
+"""The `config.model` section (its defaults live here) and ConfigDict -> `SpeechVerseConfig`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import ml_collections
+
+from speechverse_jax.models import presets
+from speechverse_jax.models.layers import DEFAULT_LORA_TARGETS, LoRAConfig
+from speechverse_jax.models.speechverse import SpeechVerseConfig
+from speechverse_jax.models.t5 import T5Config
+from speechverse_jax.models.wavlm import WavLMConfig
+
+
+def model_config(
+    wavlm: str = "wavlm-large",
+    t5: str = "flan-t5-xl",
+    layer_combination: str = "last",
+    strides=(2, 2),
+    lora_rank: int = 16,
+) -> ml_collections.ConfigDict:
+    """The `config.model` section. `*_preset` only matter when no base checkpoint is given
+    (shape checks, compile-only runs): a converted checkpoint carries its own architecture."""
+    return ml_collections.ConfigDict(
+        dict(
+            wavlm_preset=wavlm,
+            t5_preset=t5,
+            layer_combination=layer_combination,
+            downsampler=dict(strides=tuple(strides), kernel_size=3),
+            # rank 0 = no LoRA in the model (curriculum stage 1). target_regex: module paths,
+            # matched with re.fullmatch (speechverse_jax/rules.py).
+            lora=dict(rank=lora_rank, alpha=2.0 * max(lora_rank, 1), dropout=0.05, target_regex=DEFAULT_LORA_TARGETS),
+            dtype="float32",
+            frozen_param_dtype="float32",
+            t5_dropout_rate=-1.0,  # dropout inside the frozen T5 while training; -1 = the checkpoint's (0.1 for Flan-T5)
+        )
+    )
+
+
+def build_model_config(
+    model: ml_collections.ConfigDict,
+    wavlm_cfg: Optional[WavLMConfig] = None,
+    t5_cfg: Optional[T5Config] = None,
+) -> SpeechVerseConfig:
+    """`config.model` (+ architectures from a converted checkpoint, else presets) -> SpeechVerseConfig."""
+    if wavlm_cfg is None:
+        if model.wavlm_preset not in presets.WAVLM:
+            raise ValueError(f"model.wavlm_preset must be one of {sorted(presets.WAVLM)}, got {model.wavlm_preset!r}")
+        wavlm_cfg = WavLMConfig.from_hf(presets.WAVLM[model.wavlm_preset])
+    if t5_cfg is None:
+        if model.t5_preset not in presets.T5:
+            raise ValueError(f"model.t5_preset must be one of {sorted(presets.T5)}, got {model.t5_preset!r}")
+        t5_cfg = T5Config.from_hf(presets.T5[model.t5_preset])
+    dropout = float(model.t5_dropout_rate)
+    if dropout >= 1.0:
+        raise ValueError(f"model.t5_dropout_rate must be < 1 (or -1 for the checkpoint's), got {dropout}")
+    if dropout >= 0:
+        t5_cfg = dataclasses.replace(t5_cfg, dropout_rate=dropout)
+    lora = None
+    if model.lora.rank < 0:
+        raise ValueError(f"model.lora.rank must be >= 0, got {model.lora.rank}")
+    if model.lora.rank > 0:
+        lora = LoRAConfig(rank=int(model.lora.rank), alpha=float(model.lora.alpha),
+                          dropout=float(model.lora.dropout), target_regex=str(model.lora.target_regex))
+    return SpeechVerseConfig(
+        wavlm=wavlm_cfg,
+        t5=t5_cfg,
+        layer_combination=model.layer_combination,
+        downsample_strides=tuple(int(s) for s in model.downsampler.strides),
+        downsample_kernel=int(model.downsampler.kernel_size),
+        lora=lora,
+        dtype=model.dtype,
+        frozen_param_dtype=model.frozen_param_dtype,
+    )
