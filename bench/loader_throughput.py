@@ -107,7 +107,7 @@ def train_step_consumption(profile: str = "full", batch_size: int = 16, seconds:
     import flax.linen as nn
     import jax
 
-    from speechverse_jax import config_lib
+    from speechverse_jax.models import config as model_cfg_lib
     from speechverse_jax.data.synthetic import random_batch
     from speechverse_jax.demo.run import demo_config
     from speechverse_jax.models.speechverse import SpeechVerse, init_params
@@ -118,7 +118,7 @@ def train_step_consumption(profile: str = "full", batch_size: int = 16, seconds:
 
     demo = demo_config(profile)
     vocab = 448 if profile == "full" else 256
-    model_cfg = config_lib.build_model_config(
+    model_cfg = model_cfg_lib.build_model_config(
         demo.stage2_multitask.model, WavLMConfig.from_hf(demo.backbones.wavlm.to_dict()),
         T5Config.from_hf(dict(demo.backbones.t5.to_dict(), vocab_size=vocab)))
     params = nn.unbox(init_params(model_cfg, jax.random.PRNGKey(0)))

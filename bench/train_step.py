@@ -52,9 +52,10 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from speechverse_jax.data.audio import SAMPLE_RATE
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-SAMPLE_RATE = 16000
 
 # Model + batch per size. 'tiny' takes its backbones from configs/demo.py (profile 'full').
 SIZES: Dict[str, Dict[str, Any]] = {
@@ -86,10 +87,9 @@ PEAK_N, PEAK_REPEATS = 2048, 10
 def size_spec(name: str) -> Dict[str, Any]:
     spec = dict(SIZES[name])
     if spec.pop("from_demo", False):
-        sys.path.insert(0, ROOT)
-        from speechverse_jax import config_lib
+        from speechverse_jax import configs
 
-        demo = config_lib.load_config_file(os.path.join(ROOT, "configs", "demo.py"), "full")
+        demo = configs.load("demo", "full")
         bb = demo.backbones.to_dict()
         wavlm = {k: v for k, v in bb["wavlm"].items() if k not in ("feat_extract_norm", "do_stable_layer_norm")}
         t5 = {k: v for k, v in bb["t5"].items() if k not in ("feed_forward_proj", "tie_word_embeddings",
@@ -121,22 +121,22 @@ def make_batch(spec: Dict[str, Any], seed: int = 0) -> Dict[str, np.ndarray]:
 
 
 def optim_config():
-    from speechverse_jax import config_lib
+    from speechverse_jax.train import config as train_cfg_lib
 
-    optim = config_lib.train_config(max_steps=1000, lr=LR, warmup_steps=0).optim
+    optim = train_cfg_lib.train_config(max_steps=1000, lr=LR, warmup_steps=0).optim
     optim.decay = "constant"
     return optim
 
 
 def model_config(spec: Dict[str, Any], wavlm_cfg, t5_cfg):
-    from speechverse_jax import config_lib
+    from speechverse_jax.models import config as model_cfg_lib
 
     rank, alpha = spec["lora"]
-    model = config_lib.model_config(layer_combination=spec["layer_combination"], strides=(2, 2), lora_rank=rank)
+    model = model_cfg_lib.model_config(layer_combination=spec["layer_combination"], strides=(2, 2), lora_rank=rank)
     model.lora.alpha = float(alpha)
     model.lora.dropout = 0.0
     model.t5_dropout_rate = 0.0
-    return config_lib.build_model_config(model, wavlm_cfg, t5_cfg)
+    return model_cfg_lib.build_model_config(model, wavlm_cfg, t5_cfg)
 
 
 class JaxSide:
@@ -146,7 +146,7 @@ class JaxSide:
         import jax
         from flax import traverse_util
 
-        from speechverse_jax import config_lib
+        from speechverse_jax.train import config as train_cfg_lib
         from speechverse_jax.convert.hf_io import HFCheckpoint
         from speechverse_jax.convert.t5 import convert_t5
         from speechverse_jax.convert.wavlm import convert_wavlm
@@ -161,7 +161,7 @@ class JaxSide:
         import flax.linen as nn
 
         abstract = nn.unbox(boxed)
-        self.labels = opt_lib.label_params(abstract, config_lib.RULES_STAGE2)
+        self.labels = opt_lib.label_params(abstract, train_cfg_lib.RULES_STAGE2)
         train_paths = {k for k, v in self.labels.items() if v == opt_lib.TRAIN}
         trainable = traverse_util.flatten_dict(
             init_params_subset(self.cfg, jax.random.PRNGKey(seed), keep=train_paths.__contains__), sep="/")
@@ -206,7 +206,7 @@ class JaxSide:
         import jax
         from flax import traverse_util
 
-        from speechverse_jax.train.optimizer import merge
+        from speechverse_jax.tree import merge
         from speechverse_jax.train.step import _loss_sums
 
         params = traverse_util.unflatten_dict(dict(self.trainable_init), sep="/")

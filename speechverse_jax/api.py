@@ -16,26 +16,18 @@ from typing import List, Optional, Sequence, Tuple, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
-from speechverse_jax import checkpoints
+from speechverse_jax import checkpoints, tree
 from speechverse_jax.data.audio import SAMPLE_RATE, load_audio
+from speechverse_jax.data.batching import pad_rows
+from speechverse_jax.data.tokenizer import TextEncoder, load_tokenizer
 from speechverse_jax.models.layers import LoRAConfig
-from speechverse_jax.models.speechverse import SpeechVerse, SpeechVerseConfig, init_params_subset, token_cross_entropy
+from speechverse_jax.models.speechverse import (SpeechVerse, SpeechVerseConfig, abstract_params, init_params_subset,
+                                                speechverse_t5, token_cross_entropy)
 from speechverse_jax.models.t5 import shift_right
 from speechverse_jax.models.wavlm import feature_lengths
 
 Audio = Union[str, np.ndarray]
-
-
-def load_tokenizer(folder: str):
-    """The T5 tokenizer carried into a converted folder (spiece.model / tokenizer.json)."""
-    import transformers
-
-    try:
-        return transformers.AutoTokenizer.from_pretrained(folder)
-    except Exception:
-        return transformers.T5Tokenizer.from_pretrained(folder, legacy=False)
 
 
 class SpeechVerseModel:
@@ -45,6 +37,7 @@ class SpeechVerseModel:
         self.cfg = cfg
         self.params = params
         self.tokenizer = tokenizer
+        self.text = TextEncoder(tokenizer=tokenizer) if tokenizer is not None else None
         self.module = SpeechVerse(cfg)
 
     @classmethod
@@ -64,7 +57,7 @@ class SpeechVerseModel:
         base = checkpoints.load_base_params(base_dir)
         fresh = init_params_subset(cfg, jax.random.PRNGKey(seed),
                                    keep=lambda p: not p.startswith(("wavlm/", "t5/")) or "/lora_" in p)
-        params = _merge(base, fresh)
+        params = tree.merge(base, fresh)
         try:
             tokenizer = load_tokenizer(base_dir)
         except Exception:  # a base folder without tokenizer files still runs `encode`
@@ -80,8 +73,8 @@ class SpeechVerseModel:
 
         import ml_collections
 
-        from speechverse_jax import config_lib
-        from speechverse_jax.train.loop import previous_stage_params
+        from speechverse_jax.models.config import build_model_config
+        from speechverse_jax.train.checkpoint import load_trainable_params
 
         config_path = os.path.join(run_dir, "config.json")
         if not os.path.exists(config_path):
@@ -90,43 +83,34 @@ class SpeechVerseModel:
             config = ml_collections.ConfigDict(json.load(f))
         base_dir = config.base_checkpoint
         wavlm_cfg, t5_cfg, _ = checkpoints.load_model_config(base_dir)
-        cfg = config_lib.build_model_config(config.model, wavlm_cfg, t5_cfg)
-        trained = previous_stage_params(run_dir, prefer=which)
+        cfg = build_model_config(config.model, wavlm_cfg, t5_cfg)
+        trained = load_trainable_params(run_dir, prefer=which)
         base = checkpoints.load_base_params(base_dir)
-        params = _merge(base, traverse_util.unflatten_dict(trained, sep="/"))
-        missing = set(traverse_util.flatten_dict(nn_abstract(cfg), sep="/")) - set(traverse_util.flatten_dict(params, sep="/"))
+        params = tree.merge(base, tree.unflatten(trained))
+        missing = set(tree.flatten(abstract_params(cfg))) - set(tree.flatten(params))
         if missing:
             raise ValueError(f"{run_dir}: the checkpoint lacks params the model needs: {sorted(missing)[:10]}")
         return cls(cfg, params, load_tokenizer(base_dir))
 
     # -- batching -------------------------------------------------------------------------------
     @staticmethod
-    def _audio_batch(audio: Sequence[Audio]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _audio_batch(audio: Sequence[Audio], multiple: int = 1) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """-> (audio `[b, samples]`, mask, lengths `[b]`); samples rounded up to `multiple`."""
         clips = [load_audio(a) if isinstance(a, str) else np.asarray(a, np.float32) for a in audio]
         for i, c in enumerate(clips):
             if c.ndim != 1 or c.size == 0:
                 raise ValueError(f"audio[{i}]: expected a non-empty 1-D array at {SAMPLE_RATE} Hz, got shape {c.shape}")
-        lengths = np.array([c.size for c in clips])
-        batch = np.zeros((len(clips), lengths.max()), np.float32)
-        mask = np.zeros_like(batch, dtype=bool)
-        for i, c in enumerate(clips):
-            batch[i, : c.size] = c
-            mask[i, : c.size] = True
-        return batch, mask, lengths
+        batch, mask = pad_rows(clips, multiple, np.float32)
+        return batch, mask, np.array([c.size for c in clips])
 
-    def _text_batch(self, texts: Sequence[str], what: str) -> Tuple[np.ndarray, np.ndarray]:
-        if self.tokenizer is None:
+    def _text_batch(self, texts: Sequence[str], what: str, multiple: int = 1) -> Tuple[np.ndarray, np.ndarray]:
+        """-> (ids `[b, n]` ending with EOS, mask), through the training's tokenization."""
+        if self.text is None:
             raise ValueError("this checkpoint has no tokenizer files (spiece.model / tokenizer.json)")
         for i, t in enumerate(texts):
             if not isinstance(t, str) or not t.strip():
                 raise ValueError(f"{what}[{i}] is empty")
-        ids = [self.tokenizer(t).input_ids for t in texts]
-        arr = np.zeros((len(ids), max(map(len, ids))), np.int32)
-        mask = np.zeros_like(arr, dtype=bool)
-        for i, x in enumerate(ids):
-            arr[i, : len(x)] = x
-            mask[i, : len(x)] = True
-        return arr, mask
+        return self.text.encode_padded(texts, multiple)
 
     # -- jitted pieces --------------------------------------------------------------------------
     @functools.cached_property
@@ -154,7 +138,7 @@ class SpeechVerseModel:
                      instruction_mask: np.ndarray, gen=None, constraint=None, from_states: bool = False):
         """Batched generation from padded arrays: audio `[b, samples]` + mask, or cached encoder
         states `[b, L+1, frames, dim]` + frame mask (`from_states`). Returns `decode.generate.Generated`."""
-        from speechverse_jax.decode.generate import GenerateConfig, generate, speechverse_t5
+        from speechverse_jax.decode.generate import GenerateConfig, generate
 
         x, mask = inputs
         if from_states:
@@ -166,7 +150,7 @@ class SpeechVerseModel:
 
     def decode_text(self, generated) -> List[str]:
         tokens, lengths = np.asarray(generated.tokens), np.asarray(generated.lengths)
-        return [self.tokenizer.decode(t[:n], skip_special_tokens=True).strip() for t, n in zip(tokens, lengths)]
+        return [self.text.decode(t[:n]) for t, n in zip(tokens, lengths)]
 
     def generate(self, audio: Sequence[Audio], instructions: Sequence[str], num_beams: int = 1,
                  max_new_tokens: int = 64, length_penalty: float = 1.0, labels: Optional[Sequence[str]] = None,
@@ -178,10 +162,8 @@ class SpeechVerseModel:
 
         if len(audio) != len(instructions):
             raise ValueError(f"{len(audio)} audio inputs but {len(instructions)} instructions")
-        batch, mask, _ = self._audio_batch(audio)
-        batch, mask = _pad_time(batch, mask, SAMPLE_RATE)
-        ins, ins_mask = self._text_batch(instructions, "instruction")
-        ins, ins_mask = _pad_time(ins, ins_mask, 16)
+        batch, mask, _ = self._audio_batch(audio, SAMPLE_RATE)
+        ins, ins_mask = self._text_batch(instructions, "instruction", 16)
         constraint = None
         if task:
             constraint = constraint_for_task(task, self.tokenizer, labels=labels)
@@ -216,25 +198,3 @@ class SpeechVerseModel:
             _, per_example = token_cross_entropy(logits[None], ids[None], np.ones((1, ids.size), bool))
             out.append(float(per_example[0]))
         return np.array(out)
-
-
-def _pad_time(x: np.ndarray, mask: np.ndarray, multiple: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Pad the second axis up to a multiple (bounded number of compiled shapes)."""
-    n = -(-x.shape[1] // multiple) * multiple
-    pad = [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
-    return np.pad(x, pad), np.pad(mask, pad[:2])
-
-
-def nn_abstract(cfg: SpeechVerseConfig) -> dict:
-    """Abstract (shape-only) params of the composed model."""
-    import flax.linen as nn
-
-    from speechverse_jax.models.speechverse import init_params
-
-    return nn.unbox(jax.eval_shape(lambda r: init_params(cfg, r), jax.random.PRNGKey(0)))
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    flat = traverse_util.flatten_dict(base)
-    flat.update(traverse_util.flatten_dict(extra))
-    return traverse_util.unflatten_dict(flat)

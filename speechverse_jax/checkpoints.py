@@ -33,10 +33,6 @@ class BaseCheckpointError(ValueError):
     pass
 
 
-def _is_remote(path: str) -> bool:
-    return "://" in str(path)
-
-
 def save_base(
     out_dir: str,
     wavlm_cfg: WavLMConfig,
@@ -50,10 +46,10 @@ def save_base(
 
     On a remote filesystem (gs://) the folder is written in place and removed if writing fails.
     """
-    out_dir = str(out_dir) if _is_remote(out_dir) else os.path.abspath(out_dir)
+    out_dir = fs.abs_path(out_dir)
     if fs.exists(out_dir) and not overwrite:
         raise BaseCheckpointError(f"{out_dir} exists; pass --overwrite to replace it")
-    remote = _is_remote(out_dir)
+    remote = fs.is_remote(out_dir)
     work = out_dir if remote else f"{out_dir.rstrip('/')}.partial-{uuid.uuid4().hex[:8]}"
     try:
         fs.makedirs(work)
@@ -92,7 +88,7 @@ def load_model_config(base_dir: str) -> Tuple[WavLMConfig, T5Config, dict]:
 
 def load_base_params(base_dir: str, target: Any = None) -> Dict[str, Any]:
     """The frozen params `{'wavlm', 't5'}`; `target` (abstract arrays with shardings) places them."""
-    path = os.path.join(os.path.abspath(str(base_dir)) if not _is_remote(base_dir) else str(base_dir), PARAMS)
+    path = os.path.join(fs.abs_path(base_dir), PARAMS)
     if not fs.exists(path):
         raise BaseCheckpointError(f"{base_dir}: no {PARAMS}/ checkpoint")
     ckptr = ocp.StandardCheckpointer()

@@ -1,64 +1,169 @@
-"""`speechverse-jax` command line: sub-commands parse flags and call the library."""
+"""`speechverse-jax` command line: one config system for every sub-command.
+
+Each sub-command reads a config module (`get_config(arg)`, speechverse_jax/configs/): `--config
+NAME[:arg]` (a packaged config) or `--config FILE.py[:arg]`, and `--config.a.b=value` overrides any
+field. convert, prepare, infer, eval and demo have a packaged default config, and their short
+flags (`--out DIR`, `--verify`, `--audio a.wav b.wav`) are spelled-out `--config.<name>=value`
+overrides. Sub-commands only parse and call the library.
+"""
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import sys
-from typing import List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
+
+USAGE = """usage: speechverse-jax COMMAND [--config NAME[:arg] | --config FILE.py[:arg]] [--config.a.b=value ...] [flags]
+
+commands (default config in brackets; `speechverse-jax COMMAND --help` lists its fields):
+  convert     [convert]   HF WavLM + T5 folders -> one converted base checkpoint
+  prepare     [prepare]   manifests for a public corpus: prepare DATASET SRC OUT [--option KEY=VALUE]
+  train       (required)  run one training stage; --workdir DIR
+  curriculum  (required)  run the curriculum stages in order; --workdir DIR
+  infer       [infer]     answer an instruction about audio files
+  eval        [eval]      generate on manifests and score every task
+  demo        [demo]      the end-to-end demo on CPU (--profile full|quick, or --profile convert-only)
+
+train / curriculum also take --compile-only (compile the step for the config's mesh from shapes and
+print memory + FLOPs) and --coordinator HOST:PORT --num_processes N --process_id I (multi-process)."""
+
+DEFAULT_CONFIG = {"convert": "convert", "prepare": "prepare", "infer": "infer", "eval": "eval", "demo": "demo",
+                  "train": None, "curriculum": None}
+# Flags that are not config fields: name -> takes a value.
+COMMAND_FLAGS = {
+    "train": {"workdir": True, "coordinator": True, "num_processes": True, "process_id": True, "compile_only": False},
+    "curriculum": {"workdir": True, "coordinator": True, "num_processes": True, "process_id": True,
+                   "compile_only": False},
+    "demo": {"profile": True, "no_progress": False},
+    "prepare": {"option": True},
+}
+LIST_FIELDS = {"infer": ("audio",), "eval": ("manifest",)}  # several values after one flag
 
 
-def _convert(args: argparse.Namespace) -> int:
+class UsageError(ValueError):
+    """A command line that cannot run: reported as one line, exit status 2."""
+
+
+def split_args(command: str, argv: Sequence[str]) -> Tuple[Optional[str], List[str], Dict[str, object], List[str]]:
+    """-> (config spec, ['--config.a=b', ...] overrides, {flag: value} command flags, positionals).
+
+    `--name value` / `--name=value` / `--switch` become `--config.name=...` when `name` is not one of
+    the command's own flags (COMMAND_FLAGS); LIST_FIELDS take every value up to the next flag.
+    """
+    spec, overrides, flags, positional = None, [], {}, []
+    own = COMMAND_FLAGS.get(command, {})
+    lists = LIST_FIELDS.get(command, ())
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        a = args[i]
+        i += 1
+        if not a.startswith("--"):
+            positional.append(a)
+            continue
+        name, eq, value = a[2:].partition("=")
+        if name == "config":
+            if not eq:
+                if i >= len(args):
+                    raise UsageError("--config needs a value: NAME[:arg] or FILE.py[:arg]")
+                value, i = args[i], i + 1
+            spec = value
+        elif name.startswith("config."):
+            if not eq:
+                if i >= len(args) or args[i].startswith("--"):
+                    raise UsageError(f"{a} needs a value ({a}=VALUE)")
+                value, i = args[i], i + 1
+            overrides.append(f"--{name}={value}")
+        else:
+            key = name.replace("-", "_")
+            canonical = key if key in own else None
+            if canonical is not None and not own[canonical]:
+                flags[canonical] = True
+                continue
+            values = [value] if eq else []
+            if not eq:
+                while i < len(args) and not args[i].startswith("--"):
+                    values.append(args[i])
+                    i += 1
+                    if key not in lists:
+                        break
+            if canonical is not None:
+                if not values:
+                    raise UsageError(f"--{name} needs a value")
+                if canonical == "option":
+                    flags.setdefault("option", []).append(values[0])
+                else:
+                    flags[canonical] = values[0]
+            elif not values:  # a switch: a boolean field
+                overrides.append(f"--config.{key}=True")
+            else:
+                overrides.append(f"--config.{key}={','.join(values)}")
+    return spec, overrides, flags, positional
+
+
+def load_config(spec: str, overrides: Sequence[str], arg: Optional[str] = None):
+    """The config named by `spec` (+ `arg`) with `--config.a.b=value` overrides applied (ml_collections
+    config_flags: types are checked against the config's fields)."""
+    from absl import flags as absl_flags
+    from ml_collections import config_flags
+
+    from speechverse_jax import configs
+
+    try:
+        resolved = configs.resolve(spec)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+    if arg is not None:
+        resolved = resolved.split(":", 1)[0] + ":" + arg
+    values = absl_flags.FlagValues()
+    argv = ["speechverse-jax", f"--config={resolved}", *overrides]
+    config_flags.DEFINE_config_file("config", None, "config module (get_config)", flag_values=values,
+                                    lock_config=True, sys_argv=argv)
+    try:
+        values(argv)
+        return values.config
+    except (absl_flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"config {spec}: {message}") from None
+
+
+def _help(command: str, spec: Optional[str]) -> int:
+    from speechverse_jax import configs
+
+    print(USAGE if not spec else f"speechverse-jax {command} --config {spec}")
+    if spec:
+        config = configs.load(spec)
+        print("fields (--config.NAME=value, or --NAME value):")
+        for k, v in sorted(config.items()):
+            print(f"  {k} = {v!r}" if not hasattr(v, "items") else f"  {k}.* (section)")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Sub-commands: config in, library call out.
+
+def _convert(config, flags, positional) -> int:
     from speechverse_jax.convert.pipeline import convert_checkpoints
 
+    for field in ("wavlm", "t5", "out"):
+        if not config[field]:
+            raise UsageError(f"convert needs --{field} (config field {field})")
     report = convert_checkpoints(
-        wavlm_dir=args.wavlm, t5_dir=args.t5, out_dir=args.out, dtype=args.dtype,
-        verify=args.verify, report_path=args.report, overwrite=args.overwrite,
-        tolerance=args.tolerance,
+        wavlm_dir=config.wavlm, t5_dir=config.t5, out_dir=config.out, dtype=config.dtype,
+        verify=config.verify, report_path=config.report or None, overwrite=config.overwrite,
+        tolerance=config.tolerance,
     )
-    if args.verify and not report["verify"]["passed"]:
-        print(f"verification FAILED (max relative difference above {args.tolerance}); nothing written to {args.out}",
-              file=sys.stderr)
+    if config.verify and not report["verify"]["passed"]:
+        print(f"verification FAILED (max relative difference above {config.tolerance}); nothing written to "
+              f"{config.out}", file=sys.stderr)
         return 1
     return 0
 
 
-USAGE_TRAIN = """usage: speechverse-jax train|curriculum --config configs/X.py[:arg] --workdir DIR [--config.a.b=value ...]
-    [--compile-only]                          compile the step for the config's mesh from shapes, print memory + FLOPs
-    [--coordinator HOST:PORT --num_processes N --process_id I]   multi-process start (TPU VMs: automatic)
-  e.g. --config.optim.lr=3e-4 --config.data.batch_size=64"""
-
-
-def _config_from_flags(argv: List[str]):
-    """`--config FILE[:arg] [--config.a.b=value ...]` (ml_collections config_flags), `--workdir`, and the
-    multi-process / compile-only flags. Returns (config, workdir, options)."""
-    from absl import flags
-    from ml_collections import config_flags
-
-    if not argv or any(a in ("-h", "--help") for a in argv):
-        print(USAGE_TRAIN)
-        raise SystemExit(0 if argv else 2)
-    compile_only = any(a in ("--compile-only", "--compile_only") for a in argv)
-    argv = [a for a in argv if a not in ("--compile-only", "--compile_only")]
-    values = flags.FlagValues()
-    argv = ["speechverse-jax"] + list(argv)
-    config_flags.DEFINE_config_file("config", None, "config module (get_config)", flag_values=values,
-                                    lock_config=True, sys_argv=argv)  # overrides are read from sys_argv
-    flags.DEFINE_string("workdir", None, "run folder (local or gs://)", flag_values=values)
-    flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0 (multi-process runs)", flag_values=values)
-    flags.DEFINE_integer("num_processes", None, "processes in the run", flag_values=values)
-    flags.DEFINE_integer("process_id", None, "this process's index", flag_values=values)
-    values(argv)
-    if values.config is None or (not values.workdir and not compile_only):
-        raise SystemExit(USAGE_TRAIN)
-    options = {"compile_only": compile_only, "coordinator": values.coordinator,
-               "num_processes": values.num_processes, "process_id": values.process_id}
-    return values.config, values.workdir, options
-
-
-def _start(config, workdir, options) -> bool:
+def _start(config, workdir, flags) -> bool:
     """Multi-process start-up, or the compile-only check (then returns True: nothing else to run)."""
-    if options["compile_only"]:
+    if flags.get("compile_only"):
         from speechverse_jax import fs
         from speechverse_jax.train import aot
 
@@ -71,161 +176,171 @@ def _start(config, workdir, options) -> bool:
         return True
     from speechverse_jax.train import distributed
 
-    distributed.initialize(options["coordinator"], options["num_processes"], options["process_id"])
+    distributed.initialize(flags.get("coordinator"), _int_flag(flags, "num_processes"),
+                           _int_flag(flags, "process_id"))
     return False
 
 
-def _train(args: argparse.Namespace) -> int:
+def _int_flag(flags, name) -> Optional[int]:
+    if flags.get(name) is None:
+        return None
+    try:
+        return int(flags[name])
+    except ValueError:
+        raise UsageError(f"--{name} takes an integer, got {flags[name]!r}") from None
+
+
+def _workdir(flags) -> Optional[str]:
+    if not flags.get("workdir") and not flags.get("compile_only"):
+        raise UsageError("--workdir DIR is required (the run folder, local or gs://)")
+    return flags.get("workdir")
+
+
+def _train(config, flags, positional) -> int:
     from speechverse_jax.train.curriculum import run_stage
 
-    config, workdir, options = _config_from_flags(args.rest)
-    if not _start(config, workdir, options):
+    workdir = _workdir(flags)
+    if not _start(config, workdir, flags):
         run_stage(config, workdir)
     return 0
 
 
-def _curriculum(args: argparse.Namespace) -> int:
+def _curriculum(config, flags, positional) -> int:
     from speechverse_jax.train.curriculum import run_curriculum, stage_configs
 
-    config, workdir, options = _config_from_flags(args.rest)
-    if options["compile_only"]:  # the last (largest) stage: LoRA and all tasks
+    workdir = _workdir(flags)
+    if flags.get("compile_only"):  # the last (largest) stage: LoRA and all tasks
         config = list(stage_configs(config).values())[-1]
-    if not _start(config, workdir, options):
+    if not _start(config, workdir, flags):
         run_curriculum(config, workdir)
     return 0
 
 
-def _prepare(args: argparse.Namespace) -> int:
+def _prepare(config, flags, positional) -> int:
     from speechverse_jax.data.prepare import run_prepare
 
-    options = {}
-    for item in args.option or []:
-        if "=" not in item:
-            raise SystemExit(f"--option takes KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        options[key] = value
-    summary = run_prepare(args.dataset, args.src, args.out, **options)
+    if not (config.dataset and config.src and config.out):
+        raise UsageError("usage: speechverse-jax prepare DATASET SRC OUT [--option KEY=VALUE ...]")
+    options = {k: v for k, v in config.options.items() if v != ""}
+    summary = run_prepare(config.dataset, config.src, config.out, **options)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    if args.profile == "convert-only":
+def _demo(config, flags, positional) -> int:
+    out = config.out
+    if flags.get("profile") == "convert-only":
         from speechverse_jax.demo.smoke import run_demo as run_smoke
 
-        run_smoke(out_dir=args.out)
+        run_smoke(out_dir=out)
         return 0
     from speechverse_jax.demo.run import run_demo
 
-    run_demo(out_dir=args.out, profile=args.profile, progress=not args.no_progress)
+    run_demo(out_dir=out, progress=not flags.get("no_progress"), config=config)
     return 0
 
 
 def _load_model(checkpoint: str):
-    import os
-
     from speechverse_jax.api import SpeechVerseModel
 
+    if not checkpoint:
+        raise UsageError("--checkpoint is required (a training run folder or a converted base folder)")
     if os.path.exists(os.path.join(checkpoint, "config.json")):
         return SpeechVerseModel.from_run(checkpoint)
     return SpeechVerseModel.from_base(checkpoint)  # an untrained (converted) base: adaptor at init
 
 
-def _infer(args: argparse.Namespace) -> int:
+def _list(value: str) -> List[str]:
+    return [x for x in str(value).split(",") if x]
+
+
+def _infer(config, flags, positional) -> int:
     from speechverse_jax.decode.constraints import load_labels
 
-    model = _load_model(args.checkpoint)
-    labels = load_labels(args.labels) if args.labels else None
-    answers = model.generate(args.audio, [args.instruction] * len(args.audio), num_beams=args.beams,
-                             max_new_tokens=args.max_new_tokens, labels=labels, task=args.task)
-    for audio, answer in zip(args.audio, answers):
-        if args.json:
-            print(json.dumps({"audio": audio, "instruction": args.instruction, "answer": answer}))
+    audio = _list(config.audio)
+    if not audio or not config.instruction:
+        raise UsageError("infer needs --audio FILE [FILE ...] and --instruction TEXT")
+    model = _load_model(config.checkpoint)
+    labels = load_labels(config.labels) if config.labels else None
+    answers = model.generate(audio, [config.instruction] * len(audio), num_beams=int(config.beams),
+                             max_new_tokens=int(config.max_new_tokens), labels=labels, task=config.task or None)
+    for path, answer in zip(audio, answers):
+        if config.json:
+            print(json.dumps({"audio": path, "instruction": config.instruction, "answer": answer}))
         else:
-            print(f"{audio}\t{answer}")
+            print(f"{path}\t{answer}")
     return 0
 
 
-def _eval(args: argparse.Namespace) -> int:
+def _eval(config, flags, positional) -> int:
     from speechverse_jax.eval.evaluate import EvalSetting, evaluate, write_reports
 
-    model = _load_model(args.checkpoint)
-    splits = ("seen", "unseen") if args.split == "both" else (args.split,)
-    settings = [EvalSetting(s, constrained=c, joint=args.joint, num_beams=args.beams, max_new_tokens=args.max_new_tokens)
-                for s in splits for c in ((False, True) if args.constrained == "both" else (args.constrained == "yes",))]
-    predictions, table = evaluate(model, args.manifest, settings, tasks=args.tasks.split(",") if args.tasks else None,
-                                  batch_size=args.batch_size)
-    paths = write_reports(args.out, predictions, table)
+    manifests = _list(config.manifest)
+    if not manifests:
+        raise UsageError("eval needs --manifest FILE [FILE ...]")
+    for field, allowed in (("split", ("seen", "unseen", "both")), ("constrained", ("no", "yes", "both"))):
+        if config[field] not in allowed:
+            raise UsageError(f"--{field} must be one of {allowed}, got {config[field]!r}")
+    model = _load_model(config.checkpoint)
+    splits = ("seen", "unseen") if config.split == "both" else (config.split,)
+    modes = (False, True) if config.constrained == "both" else (config.constrained == "yes",)
+    settings = [EvalSetting(s, constrained=c, joint=config.joint, num_beams=int(config.beams),
+                            max_new_tokens=int(config.max_new_tokens)) for s in splits for c in modes]
+    predictions, table = evaluate(model, manifests, settings, tasks=_list(config.tasks) or None,
+                                  batch_size=int(config.batch_size))
+    paths = write_reports(config.out, predictions, table)
     print(open(paths["markdown"]).read())
     print(f"predictions: {paths['predictions']}\nmetrics: {paths['json']}, {paths['markdown']}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="speechverse-jax", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+COMMANDS = {"convert": _convert, "prepare": _prepare, "train": _train, "curriculum": _curriculum,
+            "infer": _infer, "eval": _eval, "demo": _demo}
 
-    p = sub.add_parser("convert", help="HF WavLM + T5 folders -> one converted base checkpoint")
-    p.add_argument("--wavlm", required=True, help="HF WavLM folder (config.json + safetensors or .bin)")
-    p.add_argument("--t5", required=True, help="HF T5 folder (config.json + weights [+ tokenizer])")
-    p.add_argument("--out", required=True, help="output folder (local or gs://)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="storage dtype of the frozen weights")
-    p.add_argument("--verify", action="store_true", help="compare against the HF PyTorch models (needs torch)")
-    p.add_argument("--report", help="write the verification / conversion report as JSON here")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="max allowed float32 relative difference")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.set_defaults(func=_convert)
 
-    for name, func, text in (("train", _train, "run one training stage"),
-                             ("curriculum", _curriculum, "run the curriculum stages in order")):
-        p = sub.add_parser(name, help=text, description=f"{text}: --config FILE[:arg] --workdir DIR [--config.a.b=v ...]",
-                           prefix_chars="+")  # every --flag goes to ml_collections / absl
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=func)
-
-    p = sub.add_parser("prepare", help="write manifests for a public corpus from its downloaded layout")
-    p.add_argument("dataset", help="librispeech | commonvoice | voxpopuli | slurp | covost2 | msppodcast | fisher")
-    p.add_argument("src", help="the corpus as downloaded")
-    p.add_argument("out", help="output folder for the manifests")
-    p.add_argument("--option", action="append", metavar="KEY=VALUE", help="recipe option (repeatable)")
-    p.set_defaults(func=_prepare)
-
-    p = sub.add_parser("infer", help="answer an instruction about audio files")
-    p.add_argument("--checkpoint", required=True, help="a training run folder (or a converted base folder)")
-    p.add_argument("--audio", nargs="+", required=True, help="audio files (any format; resampled to 16 kHz)")
-    p.add_argument("--instruction", required=True)
-    p.add_argument("--labels", help="restrict the answer to these labels: 'a,b,c' or a file with one per line")
-    p.add_argument("--task", help="a task name whose label set constrains the answer (e.g. ic, sns)")
-    p.add_argument("--beams", type=int, default=1)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.set_defaults(func=_infer)
-
-    p = sub.add_parser("eval", help="generate on manifests and score every task")
-    p.add_argument("--checkpoint", required=True, help="a training run folder")
-    p.add_argument("--manifest", nargs="+", required=True)
-    p.add_argument("--out", default="outputs/eval", help="folder for predictions.jsonl and metrics.{json,md}")
-    p.add_argument("--split", default="seen", choices=("seen", "unseen", "both"), help="instruction wordings")
-    p.add_argument("--constrained", default="no", choices=("no", "yes", "both"), help="label-constrained decoding")
-    p.add_argument("--joint", action="store_true", help="joint decoding: transcript first, then the answer")
-    p.add_argument("--tasks", help="only these tasks (comma-separated)")
-    p.add_argument("--beams", type=int, default=1)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.set_defaults(func=_eval)
-
-    p = sub.add_parser("demo", help="the end-to-end demo on CPU: corpus, backbones, curriculum, evaluation")
-    p.add_argument("--out", default="outputs/demo", help="output folder")
-    p.add_argument("--profile", default="full", choices=("full", "quick", "convert-only"),
-                   help="full (about 30 min on 2 cores), quick (CI smoke), convert-only (conversion + API only)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_demo)
-    return parser
+def parse(argv: Sequence[str]):
+    """argv (without the program name) -> (command, config, command flags, positionals)."""
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        raise UsageError(USAGE) if not argv else SystemExit(print(USAGE) or 0)
+    command, rest = argv[0], list(argv[1:])
+    if command not in COMMANDS:
+        raise UsageError(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
+    wants_help = any(a in ("-h", "--help") for a in rest)
+    spec, overrides, flags, positional = split_args(command, [a for a in rest if a not in ("-h", "--help")])
+    spec = spec or DEFAULT_CONFIG[command]
+    if wants_help:
+        raise SystemExit(_help(command, spec))
+    if spec is None:
+        raise UsageError(f"{command} needs --config NAME[:arg] or --config FILE.py[:arg] (packaged configs: "
+                         "stage1, stage2_warmup, stage2_multitask, curriculum)")
+    arg = None
+    if command == "prepare":
+        if len(positional) != 3:
+            raise UsageError("usage: speechverse-jax prepare DATASET SRC OUT [--option KEY=VALUE ...]")
+        arg = positional[0]
+        overrides = [f"--config.src={positional[1]}", f"--config.out={positional[2]}", *overrides]
+        for item in flags.get("option", []):
+            if "=" not in item:
+                raise UsageError(f"--option takes KEY=VALUE, got {item!r}")
+            key, value = item.split("=", 1)
+            overrides.append(f"--config.options.{key}={value}")
+        positional = []
+    elif command == "demo" and flags.get("profile") and flags["profile"] != "convert-only":
+        arg = flags["profile"]
+    if positional:
+        raise UsageError(f"{command}: unexpected arguments {positional}")
+    config = load_config(spec, overrides, arg)
+    return command, config, flags, positional
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        command, config, flags, positional = parse(argv)
+        return COMMANDS[command](config, flags, positional)
+    except UsageError as e:
+        print(f"speechverse-jax: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -70,3 +70,24 @@ def test_train_cli_reports_bad_config_values(tiny_base, manifest, tmp_path):
         main(argv + ["--config.train.accum_steps=3"])
     with pytest.raises(ValueError, match="layer_combination"):
         main(argv + ["--config.model.layer_combination=mean"])
+
+
+@pytest.mark.parametrize("readers", ["threads", "workers"])
+def test_train_cli_with_the_default_data_config(tiny_base, manifest, tmp_path, readers):
+    """The documented command with the data section as shipped: grain reader threads on (the
+    tokenizer was once first loaded inside them and failed), and grain worker processes on."""
+    from speechverse_jax import configs
+
+    assert configs.load("stage2_multitask").data.read_threads > 0  # the default this test is about
+    workdir = str(tmp_path / "w")
+    argv = ["train", "--config", "stage2_multitask", "--workdir", workdir, f"--config.base_checkpoint={tiny_base}",
+            f"--config.data.train_manifests={manifest}", f"--config.data.eval_manifests={manifest}",
+            "--config.train.max_steps=2", "--config.train.eval_every=2", "--config.train.log_every=1",
+            "--config.train.tensorboard=False", "--config.data.batch_size=4", "--config.model.lora.rank=4",
+            "--config.model.dtype=float32", "--config.model.frozen_param_dtype=float32"]
+    if readers == "workers":
+        argv.append("--config.data.worker_count=1")
+    assert main(argv) == 0
+    done = json.load(open(os.path.join(workdir, "DONE.json")))
+    assert done["steps"] == 2 and np.isfinite(done["best_val_loss"])
+    assert not done["data"].get("skipped/unreadable_audio")

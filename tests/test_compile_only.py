@@ -6,7 +6,8 @@ import os
 import subprocess
 import sys
 
-from speechverse_jax import config_lib
+from speechverse_jax import configs
+from speechverse_jax.models import config as model_cfg_lib
 from speechverse_jax.train import flops
 
 
@@ -40,7 +41,7 @@ def test_full_size_step_compiles_for_a_mesh_and_reports(tmp_path):
 
 
 def test_analytic_flops_of_the_paper_model_scale_with_the_batch():
-    cfg = config_lib.build_model_config(config_lib.load_config_file("configs/stage2_multitask.py").model)
+    cfg = model_cfg_lib.build_model_config(configs.load("stage2_multitask").model)
     one = flops.train_step_flops(cfg, 1, 16000 * 10, 64, 32)
     many = flops.train_step_flops(cfg, 768, 16000 * 10, 64, 32)
     assert abs(many["total"] / one["total"] - 768) < 1e-6

@@ -9,10 +9,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from speechverse_jax.configs.demo import CORPUS_SIZES
+
 from speechverse_jax.data.errors import DataStats
 from speechverse_jax.data.manifest import read_manifest
 from speechverse_jax.data.prepare.common import words
 from speechverse_jax.demo import corpus
+
+QUICK = CORPUS_SIZES["quick"]
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
 
@@ -20,7 +24,7 @@ pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("corpus")
-    summary = corpus.make_corpus(str(out), profile="quick", seed=3, progress=False)
+    summary = corpus.make_corpus(str(out), sizes=QUICK, seed=3, progress=False)
     return out, summary
 
 
@@ -96,7 +100,7 @@ def test_audio_is_16k_mono_and_short(quick):
 
 def test_deterministic(quick, tmp_path):
     out, _ = quick
-    corpus.make_corpus(str(tmp_path), profile="quick", seed=3, progress=False)
+    corpus.make_corpus(str(tmp_path), sizes=QUICK, seed=3, progress=False)
     for split in corpus.SPLITS:
         assert _rows(tmp_path, split) == _rows(out, split)
     with open(os.path.join(out, "audio/test/asr_00000.wav"), "rb") as a, \
@@ -118,4 +122,4 @@ def test_corpus_texts(quick):
 def test_missing_espeak_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(corpus.shutil, "which", lambda name: None)
     with pytest.raises(RuntimeError, match="apt-get install espeak-ng sox"):
-        corpus.make_corpus(str(tmp_path), profile="quick", progress=False)
+        corpus.make_corpus(str(tmp_path), sizes=QUICK, progress=False)

@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from speechverse_jax import config_lib
+from speechverse_jax.models import config as model_cfg_lib
+from speechverse_jax.models import layers as layers_lib
+from speechverse_jax.train import config as train_cfg_lib
 from speechverse_jax.models.speechverse import SpeechVerse, init_params
 from speechverse_jax.models.t5 import T5Config
 from speechverse_jax.models.wavlm import WavLMConfig, feature_lengths
@@ -19,7 +21,7 @@ from speechverse_jax.data.synthetic import random_batch
 
 
 def _small_cfg(lora_rank=4, combination="weighted"):
-    model = config_lib.model_config(layer_combination=combination, lora_rank=lora_rank)
+    model = model_cfg_lib.model_config(layer_combination=combination, lora_rank=lora_rank)
     model.lora.dropout = 0.0
     model.t5_dropout_rate = 0.0
     wavlm = WavLMConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512,
@@ -27,7 +29,7 @@ def _small_cfg(lora_rank=4, combination="weighted"):
                         num_conv_pos_embedding_groups=4, feat_extract_norm="layer", do_stable_layer_norm=True)
     t5 = T5Config(vocab_size=512, d_model=256, d_kv=32, d_ff=512, num_layers=2, num_decoder_layers=2, num_heads=8,
                   feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0)
-    return config_lib.build_model_config(model, wavlm, t5)
+    return model_cfg_lib.build_model_config(model, wavlm, t5)
 
 
 def test_wavlm_frames_match_the_model():
@@ -47,11 +49,11 @@ def test_analytic_train_step_flops_agree_with_xla(combination, lora_rank):
     from flax import traverse_util
 
     params = traverse_util.flatten_dict(nn.unbox(params), sep="/")
-    rules = config_lib.RULES_STAGE2 if lora_rank else config_lib.RULES_STAGE1
+    rules = train_cfg_lib.RULES_STAGE2 if lora_rank else train_cfg_lib.RULES_STAGE1
     labels = opt_lib.label_params(traverse_util.unflatten_dict(params, sep="/"), [tuple(r) for r in rules])
     pick = lambda which: traverse_util.unflatten_dict({k: v for k, v in params.items() if labels[k] == which}, sep="/")  # noqa: E731
     frozen, trainable = pick(opt_lib.FREEZE), pick(opt_lib.TRAIN)
-    optim = config_lib.train_config().optim
+    optim = train_cfg_lib.train_config().optim
     tx, schedule = opt_lib.make_optimizer(optim)
     state = jax.eval_shape(lambda p: init_state(p, tx, 0), trainable)
     b, samples, ins, tgt = 4, 16000, 24, 16
@@ -78,7 +80,7 @@ def test_t5_forward_count_by_hand():
     assert got["forward"] == enc + dec
     attn = 2 * 2 * 3 * 3 * inner + 2 * 2 * 2 * 2 * inner + 2 * 2 * 2 * 3 * inner
     assert got["backward"] == got["forward"] + attn  # input gradients: 1x weights, 2x attention
-    lora = flops.t5_step(cfg, 1, 3, 2, lora_rank=1, lora_regex=config_lib.DEFAULT_LORA_TARGETS)["lora"]
+    lora = flops.t5_step(cfg, 1, 3, 2, lora_rank=1, lora_regex=layers_lib.DEFAULT_LORA_TARGETS)["lora"]
     # q, v of encoder self (3, 3 rows), decoder self (2, 2) and cross (2 for q, 3 for v), forward x 3
     assert lora == 3 * 2 * (3 + 3 + 2 + 2 + 2 + 3) * 1 * (8 + inner)
 

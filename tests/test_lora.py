@@ -9,7 +9,8 @@ from flax import traverse_util
 
 from speechverse_jax.hf_tiny import TINY_T5
 from speechverse_jax.models.layers import LoRAConfig
-from speechverse_jax.models.lora import count_params, graft_lora, merge_lora, merge_trees, split_lora
+from speechverse_jax import tree
+from speechverse_jax.models.lora import graft_lora, merge_lora, split_lora
 from speechverse_jax.models.t5 import T5, T5Config
 
 LORA = LoRAConfig(rank=4, alpha=8.0)
@@ -54,8 +55,8 @@ def test_default_regex_adapts_q_and_v_of_every_attention_block(setup):
     assert flat["encoder/block_0/self_attention/q/lora_b"].shape == (LORA.rank, inner)
     assert not any(np.any(v) for k, v in flat.items() if k.endswith("lora_b"))
     base, adapters = split_lora(params)
-    assert count_params(adapters) == len(adapted) * LORA.rank * (cfg.d_model + inner)
-    assert count_params(base) + count_params(adapters) == count_params(params)
+    assert tree.count(adapters) == len(adapted) * LORA.rank * (cfg.d_model + inner)
+    assert tree.count(base) + tree.count(adapters) == tree.count(params)
 
 
 def test_custom_regex_targets_other_projections(setup):
@@ -92,24 +93,30 @@ def test_split_merge_round_trip_and_graft(setup):
     cfg, params, inputs = setup
     base, adapters = split_lora(params)
     assert all("/lora_" in k for k in _flat(adapters)) and not any("/lora_" in k for k in _flat(base))
-    rebuilt = merge_trees(base, adapters)
+    rebuilt = tree.merge(base, adapters, disjoint=True)
     assert _flat(rebuilt).keys() == _flat(params).keys()
     for k, v in _flat(params).items():
         assert _flat(rebuilt)[k] is v
-    with pytest.raises(ValueError, match="both"):
-        merge_trees(base, base)
+    with pytest.raises(ValueError, match="more than one tree"):
+        tree.merge(base, base, disjoint=True)
 
     # Stage 2 starting from a stage-1 tree: fresh adapters, base leaves untouched.
     stage1 = jax.tree_util.tree_map(lambda x: x + 1.0, base)
     fresh = nn.unbox(T5(cfg, lora=LORA).init(jax.random.PRNGKey(7), **inputs)["params"])
-    grafted = graft_lora(stage1, fresh)
-    g, s1, fr = _flat(grafted), _flat(stage1), _flat(fresh)
+    grafted, kept_fresh = graft_lora(tree.flatten(stage1), tree.flatten(fresh))
+    g, s1, fr = grafted, tree.flatten(stage1), tree.flatten(fresh)
     assert g.keys() == fr.keys()
+    assert kept_fresh == sorted(k for k in fr if "/lora_" in k)
     for k in g:
         assert g[k] is (fr[k] if "/lora_" in k else s1[k])
     # b = 0 after grafting: the stage-2 model starts where stage 1 ended.
-    np.testing.assert_array_equal(logits(cfg, grafted, inputs, LORA), logits(cfg, stage1, inputs))
+    np.testing.assert_array_equal(logits(cfg, tree.unflatten(grafted), inputs, LORA), logits(cfg, stage1, inputs))
 
-    bad = dict(stage1, lm_head={"kernel": jnp.zeros((3, 3))})
+    bad = dict(tree.flatten(stage1), **{"lm_head/kernel": jnp.zeros((3, 3))})
     with pytest.raises(ValueError, match="lm_head/kernel"):
-        graft_lora(bad, fresh)
+        graft_lora(bad, tree.flatten(fresh))
+    wrong_shape = dict(tree.flatten(stage1))
+    key = next(k for k in wrong_shape if k.endswith("q/kernel"))
+    wrong_shape[key] = jnp.zeros((1, 1))
+    with pytest.raises(ValueError, match="has shape"):
+        graft_lora(wrong_shape, tree.flatten(fresh))

@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from speechverse_jax import config_lib
+from speechverse_jax import configs
+from speechverse_jax.configs import common as config_common
 from speechverse_jax.train import partitioning, slices
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +35,7 @@ def test_tpu_presets_name_their_accelerator_and_runtime():
 @pytest.mark.parametrize("name", sorted(slices.PRESETS))
 def test_apply_slice_sets_mesh_batch_and_accumulation(name):
     p = slices.PRESETS[name]
-    config = config_lib.stage_config("stage1")
+    config = config_common.stage_config("stage1")
     assert slices.apply_slice(config, name) is config
     assert (config.mesh.data, config.mesh.fsdp, config.mesh.tensor) == (p.data, p.fsdp, p.tensor)
     assert config.data.batch_size == 768 and config.train.accum_steps == p.accum_steps
@@ -44,7 +45,7 @@ def test_apply_slice_sets_mesh_batch_and_accumulation(name):
 
 
 def test_apply_slice_other_global_batch_and_errors():
-    config = config_lib.stage_config("stage1")
+    config = config_common.stage_config("stage1")
     slices.apply_slice(config, "v5e-16", global_batch=256)  # 16 shards x 2 rows x 8 micro-steps
     assert config.data.batch_size == 256 and config.train.accum_steps == 8
     with pytest.raises(ValueError, match="multiple of"):
@@ -62,29 +63,29 @@ def test_apply_slice_other_global_batch_and_errors():
     (" v5p-32 , weighted ", "weighted", "weighted", (16, 1, 1), 3),
 ])
 def test_paper_stage_config_arg(arg, layout, combination, mesh, accum):
-    config = config_lib.paper_stage_config("stage2_warmup", arg)
+    config = config_common.paper_stage_config("stage2_warmup", arg)
     assert config.model.layer_combination == combination
     assert config.model.dtype == "bfloat16" and config.model.frozen_param_dtype == "bfloat16"
     assert (config.mesh.data, config.mesh.fsdp, config.mesh.tensor) == mesh
     assert config.train.accum_steps == accum and config.data.batch_size == 768
-    assert config_lib.parse_paper_arg(arg)[0] == layout
+    assert config_common.parse_paper_arg(arg)[0] == layout
 
 
 @pytest.mark.parametrize("arg, what", [("bogus", "unknown"), ("wlm,weighted", "a second layout"),
                                        ("v5e-16,v4-8", "a second slice"), ("wlm,v5e16", "unknown")])
 def test_paper_stage_config_bad_arg_names_the_choices(arg, what):
     with pytest.raises(ValueError) as err:
-        config_lib.paper_stage_config("stage1", arg)
+        config_common.paper_stage_config("stage1", arg)
     message = str(err.value)
     assert what in message and "'wlm'" in message and "'weighted'" in message and "'v5e-16'" in message
     assert "gpu-8xh100" in message
 
 
 def test_config_files_take_a_slice():
-    stage1 = config_lib.load_config_file(os.path.join(REPO, "configs", "stage1.py"), "v5e-16")
+    stage1 = configs.load(os.path.join(REPO, "configs", "stage1.py"), "v5e-16")
     assert stage1.mesh.fsdp == 16 and stage1.train.accum_steps == 24
-    curriculum = config_lib.load_config_file(os.path.join(REPO, "configs", "curriculum.py"), "weighted,v6e-8")
-    for stage in config_lib.STAGES:
+    curriculum = configs.load(os.path.join(REPO, "configs", "curriculum.py"), "weighted,v6e-8")
+    for stage in config_common.STAGES:
         s = curriculum[stage]
         assert (s.mesh.data, s.mesh.fsdp, s.train.accum_steps, s.data.batch_size) == (1, 8, 16, 768)
         assert s.model.layer_combination == "weighted"

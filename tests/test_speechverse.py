@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from speechverse_jax import config_lib
+from speechverse_jax import configs
+from speechverse_jax.models import config as model_cfg_lib
 from speechverse_jax.models import presets
 from speechverse_jax.models.layers import LoRAConfig
 from speechverse_jax.models.speechverse import (
@@ -27,7 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name, arg=None):
-    return config_lib.load_config_file(os.path.join(REPO, "configs", f"{name}.py"), arg)
+    return configs.load(os.path.join(REPO, "configs", f"{name}.py"), arg)
 
 
 def _count(tree):
@@ -49,7 +50,7 @@ def _hf_count(model_cls, config_cls, hf_dict, skip=()):
 def test_full_size_multitask_wlm_counts_match_hf_and_the_paper():
     import transformers
 
-    cfg = config_lib.build_model_config(load_config("multitask_wlm").model)
+    cfg = model_cfg_lib.build_model_config(load_config("multitask_wlm").model)
     shapes = nn.unbox(jax.eval_shape(lambda r: init_params(cfg, r), jax.random.PRNGKey(0)))
     flat = traverse_util.flatten_dict(shapes, sep="/")
     wavlm = _count(shapes["wavlm"])
@@ -75,28 +76,28 @@ def test_full_size_multitask_wlm_counts_match_hf_and_the_paper():
 
 
 def test_brq_style_config_adds_one_weight_per_layer():
-    cfg = config_lib.build_model_config(load_config("multitask_wlm", "weighted").model)
+    cfg = model_cfg_lib.build_model_config(load_config("multitask_wlm", "weighted").model)
     shapes = nn.unbox(jax.eval_shape(lambda r: init_params(cfg, r), jax.random.PRNGKey(0)))
     assert shapes["layer_weights"]["weights"].shape == (24,)
 
 
 def test_bad_model_config_values_name_the_field():
-    model = config_lib.model_config()
+    model = model_cfg_lib.model_config()
     model.layer_combination = "average"
     with pytest.raises(ValueError, match="layer_combination"):
-        config_lib.build_model_config(model)
-    model = config_lib.model_config()
+        model_cfg_lib.build_model_config(model)
+    model = model_cfg_lib.model_config()
     model.downsampler.strides = (2, 0)
     with pytest.raises(ValueError, match="downsampler.strides"):
-        config_lib.build_model_config(model)
-    model = config_lib.model_config()
+        model_cfg_lib.build_model_config(model)
+    model = model_cfg_lib.model_config()
     model.dtype = "float16"
     with pytest.raises(ValueError, match="model.dtype"):
-        config_lib.build_model_config(model)
-    model = config_lib.model_config()
+        model_cfg_lib.build_model_config(model)
+    model = model_cfg_lib.model_config()
     model.t5_preset = "t5-11b-nope"
     with pytest.raises(ValueError, match="t5_preset"):
-        config_lib.build_model_config(model)
+        model_cfg_lib.build_model_config(model)
 
 
 def test_pack_left_puts_valid_items_first():

@@ -6,18 +6,19 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from speechverse_jax import tree as tree_lib
 from speechverse_jax import checkpoints as base_ckpt
-from speechverse_jax import config_lib
+from speechverse_jax.models import config as model_cfg_lib
+from speechverse_jax.train import config as train_cfg_lib
 from speechverse_jax.data.synthetic import SyntheticData
-from speechverse_jax.train import optimizer as opt_lib
 from speechverse_jax.train.loop import NonFiniteError, build_setup, train
 
 
 def tiny_config(base, stage=2, steps=3, **train_overrides):
-    config = config_lib.train_config(max_steps=steps, lr=1e-2, warmup_steps=1,
-                                     rules=config_lib.RULES_STAGE2 if stage == 2 else config_lib.RULES_STAGE1)
+    config = train_cfg_lib.train_config(max_steps=steps, lr=1e-2, warmup_steps=1,
+                                     rules=train_cfg_lib.RULES_STAGE2 if stage == 2 else train_cfg_lib.RULES_STAGE1)
     config.base_checkpoint = base
-    config.model = config_lib.model_config(layer_combination="weighted", lora_rank=4 if stage == 2 else 0)
+    config.model = model_cfg_lib.model_config(layer_combination="weighted", lora_rank=4 if stage == 2 else 0)
     config.model.lora.dropout = 0.0
     config.train.log_every = 1
     config.train.eval_every = 1000
@@ -52,7 +53,7 @@ def test_only_trainable_params_change_and_moments_cover_them_only(tiny_base, tmp
     assert any("/lora_a" in k for k in trained) and any(k.startswith("downsampler/") for k in trained)
     for k in trained:
         assert not np.array_equal(trained[k], init[k]), f"{k} did not change"
-    n_train = opt_lib.count(state.params)
+    n_train = tree_lib.count(state.params)
     moments = sum(np.size(x) for x in jax.tree_util.tree_leaves(state.opt_state) if np.ndim(x) > 0)
     assert moments == 2 * n_train  # Adam mu and nu of the trainable leaves, nothing else
     assert int(state.skipped_steps) == 0
@@ -64,7 +65,7 @@ def test_only_trainable_params_change_and_moments_cover_them_only(tiny_base, tmp
 
 def test_every_param_must_match_a_rule(tiny_base):
     config = tiny_config(tiny_base)
-    config.train.param_rules = [[r"^downsampler/", "train"], [r"^wavlm/", "freeze"]]
+    config.train.param_rules = [[r"downsampler/.*", "train"], [r"wavlm/.*", "freeze"]]
     with pytest.raises(ValueError, match=r"(?s)match none of these .*t5/"):
         build_setup(config, log_fn=lambda *a: None)
 
@@ -141,7 +142,7 @@ def test_stage1_checkpoint_grafts_into_stage2_with_identical_outputs(tiny_base, 
     from speechverse_jax.train.step import _forward
 
     def logits(setup):
-        params = opt_lib.merge(setup.trainable, setup.frozen)
+        params = tree_lib.merge(setup.trainable, setup.frozen)
         return np.asarray(_forward(setup.model, params, {k: jax.numpy.asarray(v) for k, v in batch.items()}, True))
 
     np.testing.assert_array_equal(logits(setup1), logits(setup2))

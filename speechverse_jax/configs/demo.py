@@ -50,6 +50,7 @@ def get_config(profile="full"):
     p = PROFILES[profile]
     config = ml_collections.ConfigDict()
     config.profile = profile
+    config.out = "outputs/demo"  # output folder (--out DIR)
     config.seed = 0
     config.corpus = dict(sizes=CORPUS_SIZES[profile], workers=2)
     config.backbones = dict(
@@ -74,6 +75,9 @@ def get_config(profile="full"):
         t5_lr=2e-3,
         text_check=("asr", "ic", "kws", "kwe", "sf") if profile != "quick" else ("asr",),  # T5 alone on dev text
     )
+    # the curriculum's shared fields (the demo fills them in: its corpus and converted backbones)
+    config.base_checkpoint = ""
+    config.data = dict(train_manifests="", eval_manifests="", tokenizer="")
     config.order = list(common.STAGES)
     for stage, steps in zip(common.STAGES, p["stage_steps"]):
         s = common.stage_config(stage, model_kwargs=dict(layer_combination="weighted", strides=(2, 2),

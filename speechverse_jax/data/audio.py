@@ -6,6 +6,8 @@ from typing import Optional
 
 import numpy as np
 
+from speechverse_jax import fs
+
 SAMPLE_RATE = 16000
 
 
@@ -28,7 +30,7 @@ def load_audio(path: str, sample_rate: int = SAMPLE_RATE, offset: float = 0.0,
     """
     import soundfile as sf
 
-    if _is_remote(path):
+    if fs.is_remote(path):
         return _load_remote(path, sample_rate, offset, duration)
     try:
         info = sf.info(path)
@@ -65,7 +67,7 @@ def _downmix(audio: np.ndarray) -> np.ndarray:
 
 
 def _exists(path: str) -> bool:
-    if _is_remote(path):
+    if fs.is_remote(path):
         from etils import epath
 
         return epath.Path(path).exists()
@@ -96,7 +98,7 @@ def probe_duration(path: str) -> float:
     import soundfile as sf
 
     try:
-        if _is_remote(path):
+        if fs.is_remote(path):
             with _open_remote(path) as f:
                 info = sf.info(f)
         else:
@@ -105,7 +107,7 @@ def probe_duration(path: str) -> float:
     except Exception as e:
         if not _exists(path):
             raise AudioError(f"{path}: file not found", "missing_file") from None
-        if _is_remote(path):
+        if fs.is_remote(path):
             raise AudioError(f"{path}: unreadable audio header ({e})") from None
         try:  # formats without a soundfile reader: librosa decodes to measure
             import warnings
@@ -120,10 +122,6 @@ def probe_duration(path: str) -> float:
     if seconds <= 0:
         raise AudioError(f"{path}: no samples", "empty_audio")
     return seconds
-
-
-def _is_remote(path: str) -> bool:
-    return "://" in str(path)
 
 
 def _open_remote(path: str):

@@ -57,6 +57,7 @@ _PAD_AUDIO_SECONDS = 0.5  # valid (silent) audio in masked-out rows, so no row i
 _ENDLESS = 2**40
 
 
+@dataclasses.dataclass
 class _Row:
     example: Example
     task_id: int

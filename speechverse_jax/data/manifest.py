@@ -27,6 +27,7 @@ import json
 import os
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
+from speechverse_jax import fs
 from speechverse_jax.data import tasks as tasks_lib
 from speechverse_jax.data.audio import AudioError, probe_duration
 from speechverse_jax.data.errors import DataStats, where
@@ -70,9 +71,9 @@ class _Skip(Exception):
 
 def resolve_audio_path(audio: str, manifest_dir: str) -> str:
     """Relative paths are relative to the manifest's folder; absolute paths and URLs are kept."""
-    if "://" in audio or os.path.isabs(audio):
+    if fs.is_remote(audio) or os.path.isabs(audio):
         return audio
-    if "://" in manifest_dir:
+    if fs.is_remote(manifest_dir):
         return manifest_dir.rstrip("/") + "/" + audio
     return os.path.normpath(os.path.join(manifest_dir, audio))
 
@@ -131,10 +132,10 @@ def parse_example(obj: Any, manifest: str, line: int, default_task: Optional[str
     offset, duration = _number(obj, "offset"), _number(obj, "duration")
     if duration is not None and duration == 0:
         raise _Skip("empty_audio", "duration is 0")
-    path = resolve_audio_path(audio.strip(), os.path.dirname(manifest) if "://" not in manifest
+    path = resolve_audio_path(audio.strip(), os.path.dirname(manifest) if not fs.is_remote(manifest)
                               else manifest.rsplit("/", 1)[0])
     segment = offset is not None
-    if check_files and "://" not in path and not os.path.exists(path):
+    if check_files and not fs.is_remote(path) and not os.path.exists(path):
         raise _Skip("missing_file", f"{path}: file not found")
     if duration is None or (segment and duration is None):
         if not probe:
@@ -155,9 +156,7 @@ def parse_example(obj: Any, manifest: str, line: int, default_task: Optional[str
 
 def iter_lines(path: str) -> Iterable[tuple]:
     """(line number, text) of the non-blank lines of a local or `gs://` file."""
-    if "://" in path:
-        from speechverse_jax import fs
-
+    if fs.is_remote(path):
         text = fs.read_text(path)
         lines = text.splitlines()
     else:

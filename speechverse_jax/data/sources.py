@@ -17,6 +17,7 @@ from speechverse_jax.data.tokenizer import TextEncoder
 SLACK_SAMPLES = 16
 
 
+@dataclasses.dataclass
 class Source:
     """The usable examples of one task; `samples[i]` is the planned audio length of example i."""
 

@@ -40,7 +40,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from speechverse_jax.decode.constraints import START, Constraint, next_states
-from speechverse_jax.models.speechverse import DTYPES, SpeechVerseConfig
 from speechverse_jax.models.t5 import T5, expand_cache, reorder_cache
 
 NEG = -1.0e9  # HF's "impossible" score; finite so that sums and comparisons stay well defined
@@ -287,7 +286,7 @@ def generate(model: T5, params: Any, encoder_hidden: jax.Array, encoder_mask: ja
     The batch is padded to `batch_bucket(b)` and the encoder length to a multiple of
     `length_multiple` (masked, so results do not depend on it beyond float rounding) unless
     `bucket=False`; outputs are cut back to b rows. For a SpeechVerse model pass
-    `speechverse_t5(cfg)` and `params['t5']`.
+    `models.speechverse.speechverse_t5(cfg)` and `params['t5']`.
     """
     b, s = encoder_mask.shape
     if bucket:
@@ -296,11 +295,6 @@ def generate(model: T5, params: Any, encoder_hidden: jax.Array, encoder_mask: ja
         encoder_mask = jnp.pad(encoder_mask.astype(bool), ((0, pb), (0, ps)))
     out = _generate(model, params, encoder_hidden, encoder_mask.astype(bool), cfg, constraint)
     return Generated(*(x[:b] for x in out))
-
-
-def speechverse_t5(sv_cfg: SpeechVerseConfig) -> T5:
-    """The T5 module inside `SpeechVerse(sv_cfg)` (same LoRA and dtypes), to decode with `params['t5']`."""
-    return T5(sv_cfg.t5, lora=sv_cfg.lora, dtype=sv_cfg.compute_dtype, param_dtype=DTYPES[sv_cfg.frozen_param_dtype])
 
 
 def texts(tokenizer, out: Generated) -> List[str]:

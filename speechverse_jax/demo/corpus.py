@@ -1,6 +1,6 @@
 """A spoken multi-task demo corpus made with espeak-ng; every label is true by construction.
 
-    make_corpus(out_dir, profile='full', seed=0, workers=2, progress=True) -> summary dict
+    make_corpus(out_dir, sizes, seed=0, workers=2, progress=True) -> summary dict   # sizes: {split: {task: n}}
 
 writes, under `out_dir`:
     train.jsonl, dev.jsonl, test.jsonl   one manifest per split with all tasks (our manifest format)
@@ -20,42 +20,42 @@ tokenizer or text pretraining; `baselines(out_dir)` the majority / chance scores
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import dataclasses
-import io
 import itertools
 import json
 import os
 import re
 import shutil
-import subprocess
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from speechverse_jax.data import tasks
-from speechverse_jax.data.audio import SAMPLE_RATE
 from speechverse_jax.data.manifest import write_manifest
 from speechverse_jax.data.prepare.common import content_words, rng_for, words
+from speechverse_jax.demo import speak
 
 SPLITS = ("train", "dev", "test")
 DEMO_TASKS = ("asr", "ic", "sf", "kws", "kwe", "ac", "sc", "sns", "open")
 
-# Examples per split and task.
-PROFILES: Dict[str, Dict[str, Dict[str, int]]] = {
-    "full": {
-        "train": {"asr": 600, "ic": 420, "sf": 420, "kws": 360, "kwe": 360, "ac": 400, "sc": 320,
-                  "sns": 320, "open": 300},
-        "dev": {t: 35 for t in DEMO_TASKS},
-        "test": {t: 56 for t in DEMO_TASKS},
-    },
-    "quick": {
-        "train": {t: 20 for t in DEMO_TASKS},
-        "dev": {t: 4 for t in DEMO_TASKS},
-        "test": {t: 6 for t in DEMO_TASKS},
-    },
-}
+
+
+def check_sizes(sizes: Mapping[str, Mapping[str, int]]) -> Dict[str, Dict[str, int]]:
+    """`corpus.sizes` of the demo config ({split: {task: examples}}) as plain dicts, checked."""
+    out = {}
+    for sp in SPLITS:
+        if sp not in sizes:
+            raise ValueError(f"corpus.sizes: no entry for split {sp!r} (splits: {SPLITS})")
+        missing = [t for t in DEMO_TASKS if t not in sizes[sp]]
+        if missing:
+            raise ValueError(f"corpus.sizes.{sp}: no count for tasks {missing}")
+        out[sp] = {t: int(sizes[sp][t]) for t in DEMO_TASKS}
+        bad = [t for t, n in out[sp].items() if n < 1]
+        if bad:
+            raise ValueError(f"corpus.sizes.{sp}: counts must be >= 1, got {bad}")
+    return out
+
 
 ESPEAK_RATE = 22050
 KWS_POSITIVE_SHARE = 0.7
@@ -414,114 +414,12 @@ def kws_pick(text: str, vocabulary: Sequence[str], positive: bool, rng: np.rando
 # Rendering
 # --------------------------------------------------------------------------------------------
 
-def check_espeak() -> str:
-    path = shutil.which("espeak-ng")
-    if not path:
-        raise RuntimeError("espeak-ng is not installed; the demo corpus needs it: "
-                           "`apt-get install espeak-ng sox` (`make demo` installs them)")
-    return path
-
-
-def espeak(text: str, voice: str, speed: int, pitch: int, gap: int = 0) -> np.ndarray:
-    """espeak-ng -> float32 mono at 16 kHz."""
-    import soundfile as sf
-    import soxr
-
-    cmd = ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-g", str(gap), "--stdout", text]
-    proc = subprocess.run(cmd, capture_output=True, check=False)
-    if proc.returncode != 0 or not proc.stdout:
-        raise RuntimeError(f"espeak-ng failed on {text!r} ({voice}): {proc.stderr.decode(errors='replace')}")
-    audio, sr = sf.read(io.BytesIO(proc.stdout), dtype="float32", always_2d=True)
-    return soxr.resample(audio[:, 0], sr, SAMPLE_RATE).astype(np.float32)
-
-
-def trim(audio: np.ndarray, margin: float = 0.08, threshold: float = 0.02) -> np.ndarray:
-    """Cut leading and trailing silence, keeping `margin` seconds."""
-    loud = np.flatnonzero(np.abs(audio) > threshold * (np.abs(audio).max() + 1e-9))
-    if loud.size == 0:
-        return audio
-    pad = int(margin * SAMPLE_RATE)
-    return audio[max(0, loud[0] - pad):loud[-1] + pad]
-
-
-def synth_noise(kind: str, seconds: float, rng: np.random.Generator) -> np.ndarray:
-    """Non-speech audio: coloured noise, tones, beeps, chirps, mains hum or near-silence."""
-    n = int(seconds * SAMPLE_RATE)
-    t = np.arange(n) / SAMPLE_RATE
-    if kind in ("white", "silence"):
-        x = rng.standard_normal(n)
-    elif kind == "pink":
-        spec = np.fft.rfft(rng.standard_normal(n))
-        x = np.fft.irfft(spec / np.sqrt(np.maximum(np.arange(spec.size), 1)), n)
-    elif kind == "brown":
-        x = np.cumsum(rng.standard_normal(n))
-        x -= np.convolve(x, np.ones(801) / 801, mode="same")  # drop the drift
-    elif kind == "tone":
-        f = rng.uniform(150, 2000)
-        x = np.sin(2 * np.pi * f * t) + rng.uniform(0, 0.5) * np.sin(4 * np.pi * f * t)
-        x *= 1 + 0.3 * np.sin(2 * np.pi * rng.uniform(0, 6) * t)
-    elif kind == "beeps":
-        f, rate = rng.uniform(400, 2500), rng.uniform(1.5, 5)
-        x = np.sin(2 * np.pi * f * t) * (np.sin(2 * np.pi * rate * t) > 0)
-    elif kind == "chirp":
-        f0, f1 = rng.uniform(100, 500), rng.uniform(1000, 6000)
-        if rng.random() < 0.5:
-            f0, f1 = f1, f0
-        phase = 2 * np.pi * f0 * seconds / np.log(f1 / f0) * (np.power(f1 / f0, t / seconds) - 1)
-        x = np.sin(phase)
-    elif kind == "hum":
-        base = 50.0 if rng.random() < 0.5 else 60.0
-        x = sum(np.sin(2 * np.pi * base * k * t + rng.uniform(0, 6.3)) / k for k in range(1, 6))
-        x += 0.05 * rng.standard_normal(n)
-    else:
-        raise ValueError(f"unknown noise type {kind!r}")
-    x = x / (np.abs(x).max() + 1e-9)
-    if kind == "silence":
-        x *= rng.uniform(0.002, 0.01)
-    fade = np.minimum(1.0, np.minimum(np.arange(n), np.arange(n)[::-1]) / (0.01 * SAMPLE_RATE))
-    return (x * fade).astype(np.float32)
-
-
-def render(spec: Mapping[str, Any]) -> np.ndarray:
-    """A clip spec -> float32 mono 16 kHz audio (deterministic)."""
-    rng = np.random.default_rng(spec["seed"])
-    if "noise" in spec:
-        x = synth_noise(spec["noise"], spec["seconds"], rng)
-        return (x * (spec["gain"] if spec["noise"] != "silence" else 1.0)).astype(np.float32)
-    pieces = []
-    for i, part in enumerate(spec["parts"]):
-        if i:
-            pieces.append(np.zeros(int(spec["pause"] * SAMPLE_RATE), np.float32))
-        pieces.append(trim(espeak(part["text"], part["voice"], part["speed"], part["pitch"], part["gap"])))
-    x = np.concatenate(pieces)
-    x = x / (np.abs(x).max() + 1e-9) * spec["gain"]
-    if spec.get("snr_db") is not None:
-        noise = rng.standard_normal(x.size)
-        x = x + noise * np.sqrt(np.mean(x ** 2) / 10 ** (spec["snr_db"] / 10))
-    return np.clip(x, -1, 1).astype(np.float32)
-
-
-def _render_to(job: Tuple[str, Mapping[str, Any]]) -> float:
-    import soundfile as sf
-
-    path, spec = job
-    audio = render(spec)
-    sf.write(path, audio, SAMPLE_RATE, subtype="PCM_16")
-    return audio.size / SAMPLE_RATE
-
-
-# --------------------------------------------------------------------------------------------
-# The corpus
-# --------------------------------------------------------------------------------------------
-
-def sentence_families(profile: str = "full", seed: int = 0) -> Dict[str, Dict[str, List[Sentence]]]:
+def sentence_families(sizes: Mapping[str, Mapping[str, int]], seed: int = 0) -> Dict[str, Dict[str, List[Sentence]]]:
     """{family: {split: sentences}} for the families 'asr', 'commands' and 'open': the held-out
-    split of every template's sentences that the corpus of (profile, seed) is drawn from. The
+    split of every template's sentences that the corpus of (sizes, seed) is drawn from. The
     train lists hold many more sentences than the corpus speaks (text pretraining draws on them;
     dev and test sentences are never in them)."""
-    if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
-    sizes = PROFILES[profile]
+    sizes = check_sizes(sizes)
 
     def need(names):
         return {sp: sum(sizes[sp][t] for t in names) for sp in SPLITS}
@@ -540,12 +438,11 @@ def kws_vocabulary(families: Mapping[str, Mapping[str, Sequence[Sentence]]]) -> 
     return sorted({w for s in families["asr"]["train"] for w in content_words(s.text)})
 
 
-def plan_corpus(profile: str = "full", seed: int = 0) -> Dict[str, List[Tuple[Dict[str, Any], Dict[str, Any]]]]:
+def plan_corpus(sizes: Mapping[str, Mapping[str, int]], seed: int = 0
+                ) -> Dict[str, List[Tuple[Dict[str, Any], Dict[str, Any]]]]:
     """{split: [(row, spec), ...]} for the whole corpus; rows have ids and audio paths, no durations."""
-    if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
-    sizes = PROFILES[profile]
-    families = sentence_families(profile, seed)
+    sizes = check_sizes(sizes)
+    families = sentence_families(sizes, seed)
     kws_vocab = kws_vocabulary(families)
     plan = {}
     for split in SPLITS:
@@ -561,20 +458,21 @@ def plan_corpus(profile: str = "full", seed: int = 0) -> Dict[str, List[Tuple[Di
     return plan
 
 
-def make_corpus(out_dir: str, profile: str = "full", seed: int = 0, workers: int = 2,
+def make_corpus(out_dir: str, sizes: Mapping[str, Mapping[str, int]], seed: int = 0, workers: int = 2,
                 progress: bool = True) -> Dict[str, Any]:
     """Generate the corpus into `out_dir` (see the module docstring); returns the summary."""
-    check_espeak()
+    speak.check_espeak()
     t0 = time.time()
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(os.path.join(out_dir, "corpus.json")):  # a previous corpus: drop its clips
         for sub in ("audio", "by_task"):
             shutil.rmtree(os.path.join(out_dir, sub), ignore_errors=True)
-    plan = plan_corpus(profile, seed)
+    sizes = check_sizes(sizes)
+    plan = plan_corpus(sizes, seed)
     for split in SPLITS:
         os.makedirs(os.path.join(out_dir, "audio", split), exist_ok=True)
     jobs = [(os.path.join(out_dir, row["audio"]), spec) for split in SPLITS for row, spec in plan[split]]
-    durations = _run_jobs(jobs, workers, progress)
+    durations = speak.render_all(jobs, workers, progress)
     rows: Dict[str, List[Dict[str, Any]]] = {}
     k = 0
     for split in SPLITS:
@@ -590,25 +488,12 @@ def make_corpus(out_dir: str, profile: str = "full", seed: int = 0, workers: int
         for task in DEMO_TASKS:
             task_rows = [{**r, "audio": "../" + r["audio"]} for r in rows[split] if r["task"] == task]
             write_manifest(os.path.join(out_dir, "by_task", f"{split}.{task}.jsonl"), task_rows)
-    summary = summarize(rows, profile, seed, time.time() - t0)
+    summary = summarize(rows, sizes, seed, time.time() - t0)
     _write_json(os.path.join(out_dir, "corpus.json"), summary)
     summary["baselines"] = baselines(out_dir)
     summary["generation_seconds"] = round(time.time() - t0, 2)
     _write_json(os.path.join(out_dir, "corpus.json"), summary)
     return summary
-
-
-def _run_jobs(jobs: List[Tuple[str, Mapping[str, Any]]], workers: int, progress: bool) -> List[float]:
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(jobs), desc="espeak-ng clips", unit="clip", disable=not progress)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        out = []
-        for seconds in pool.map(_render_to, jobs):
-            out.append(seconds)
-            bar.update(1)
-    bar.close()
-    return out
 
 
 _FIRST = ("id", "task", "audio", "duration", "target", "transcript", "keyword", "labels")
@@ -633,7 +518,7 @@ def _spoken(row: Mapping[str, Any]) -> List[str]:
     return [row["transcript"]] if row.get("transcript") else []
 
 
-def summarize(rows: Mapping[str, Sequence[Mapping[str, Any]]], profile: str, seed: int,
+def summarize(rows: Mapping[str, Sequence[Mapping[str, Any]]], sizes: Mapping[str, Mapping[str, int]], seed: int,
               seconds: float) -> Dict[str, Any]:
     counts = {sp: dict(collections.Counter(r["task"] for r in rows[sp])) for sp in SPLITS}
     audio_seconds = {sp: round(sum(r["duration"] for r in rows[sp]), 1) for sp in SPLITS}
@@ -641,7 +526,7 @@ def summarize(rows: Mapping[str, Sequence[Mapping[str, Any]]], profile: str, see
     labels = {t: list(tasks.TASKS[t].labels) for t in ("kws", "sc", "sns")}
     labels.update(ic=list(IC_LABELS), ac=list(AC_LABELS), sf=list(SF_SLOT_NAMES))
     return {
-        "profile": profile, "seed": seed, "tasks": list(DEMO_TASKS),
+        "sizes": {sp: dict(sizes[sp]) for sp in SPLITS}, "seed": seed, "tasks": list(DEMO_TASKS),
         "counts": counts, "total": {sp: len(rows[sp]) for sp in SPLITS},
         "audio_seconds": audio_seconds, "total_audio_seconds": round(sum(audio_seconds.values()), 1),
         "vocabulary_size": len(vocab), "vocabulary": vocab,

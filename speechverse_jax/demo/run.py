@@ -22,13 +22,13 @@ from typing import Any, Dict
 
 import numpy as np
 
-from speechverse_jax import config_lib
+from speechverse_jax import configs
+from speechverse_jax.models import config as model_cfg_lib
 
-REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 
 
 def demo_config(profile: str = "full"):
-    return config_lib.load_config_file(os.path.join(REPO_CONFIGS, "demo.py"), profile)
+    return configs.load("demo", profile)
 
 
 def _say(msg: str) -> None:
@@ -90,7 +90,7 @@ def build_backbones(config, corpus_dir: str, out_dir: str, progress: bool = True
     # the T5 learns to read its input from an endless stream of text tasks over the train sentences
     with open(os.path.join(corpus_dir, "corpus.json")) as f:
         made = json.load(f)
-    families = sentence_families(made["profile"], int(made["seed"]))
+    families = sentence_families(made["sizes"], int(made["seed"]))
     t5_cfg = T5Config.from_hf(dict(cfg.t5.to_dict(), vocab_size=vocab, pad_token_id=0, eos_token_id=1,
                                    decoder_start_token_id=0, is_encoder_decoder=True))
     # phases of text tasks, each from the last one's params: copying alone first, then the mix
@@ -172,7 +172,7 @@ def encoder_cache(config, base_dir: str, corpus_dir: str, out_path: str, progres
     if os.path.exists(out_path):
         return EncoderCache.load(out_path)
     wavlm_cfg, t5_cfg, _ = checkpoints.load_model_config(base_dir)
-    model_cfg = config_lib.build_model_config(config.stage1.model, wavlm_cfg, t5_cfg)
+    model_cfg = model_cfg_lib.build_model_config(config.stage1.model, wavlm_cfg, t5_cfg)
     params = checkpoints.load_base_params(base_dir)["wavlm"]
     manifests = [os.path.join(corpus_dir, f"{s}.jsonl") for s in ("train", "dev", "test")]
     cache = build_cache(model_cfg, params, manifests, batch_size=16,
@@ -266,15 +266,18 @@ def plot_metrics(table: Dict[str, Any], baselines_: Dict[str, Any], out_png: str
     return out_png
 
 
-def run_demo(out_dir: str = "outputs/demo", profile: str = "full", progress: bool = True) -> Dict[str, Any]:
-    """The whole demo; returns a summary (also written to `out_dir/summary.json`)."""
+def run_demo(out_dir: str = "outputs/demo", profile: str = "full", progress: bool = True,
+             config=None) -> Dict[str, Any]:
+    """The whole demo; returns a summary (also written to `out_dir/summary.json`). `config` is the
+    demo config (`configs.load("demo", profile)` with any overrides); by default the profile's."""
     from speechverse_jax.demo.corpus import make_corpus
     from speechverse_jax.train.metrics_log import plot_losses
 
     t0 = time.time()
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    config = demo_config(profile)
+    config = demo_config(profile) if config is None else config
+    profile = config.profile
     timings = {}
 
     def stamp(name, since):
@@ -290,7 +293,8 @@ def run_demo(out_dir: str = "outputs/demo", profile: str = "full", progress: boo
         _say(f"reusing the corpus in {corpus_dir}")
     else:
         _say(f"1/5 speaking the {profile} corpus with espeak-ng")
-        corpus = make_corpus(corpus_dir, profile=profile, seed=int(config.seed), progress=progress)
+        corpus = make_corpus(corpus_dir, config.corpus.sizes.to_dict(), seed=int(config.seed),
+                             workers=int(config.corpus.workers), progress=progress)
     t = stamp("corpus", t)
     _say("2/5 backbones: tokenizer, WavLM (CTC) and T5 (text tasks) pretrained in JAX, exported, converted")
     backbones = build_backbones(config, corpus_dir, os.path.join(out_dir, "backbones"), progress=progress)

@@ -19,7 +19,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from speechverse_jax.data import tasks as tasks_lib
-from speechverse_jax.data.audio import load_audio
+from speechverse_jax.data.audio import SAMPLE_RATE, load_audio
+from speechverse_jax.data.batching import pad_rows
 from speechverse_jax.data.manifest import read_manifests
 from speechverse_jax.eval import metrics as metrics_lib
 
@@ -47,16 +48,6 @@ class EvalSetting:
 def _batches(n: int, size: int):
     for i in range(0, n, size):
         yield list(range(i, min(n, i + size)))
-
-
-def _pad_rows(arrays: List[np.ndarray], multiple: int, dtype) -> Tuple[np.ndarray, np.ndarray]:
-    n = max(len(a) for a in arrays)
-    n = -(-n // multiple) * multiple
-    out = np.zeros((len(arrays), n) + arrays[0].shape[1:], dtype)
-    mask = np.zeros((len(arrays), n), bool)
-    for i, a in enumerate(arrays):
-        out[i, : len(a)], mask[i, : len(a)] = a, True
-    return out, mask
 
 
 def _label_key(labels) -> Tuple[str, ...]:
@@ -112,16 +103,15 @@ def evaluate(model, manifests: Sequence[str], settings: Sequence[EvalSetting] = 
                     if key not in constraints:
                         constraints[key] = constraint_for_task(task, model.tokenizer, labels=list(_label_key(labels)))
                     constraint = constraints[key]
-                ins_ids = [np.asarray(x, np.int32) for x in model.tokenizer(instructions).input_ids]
-                ins, ins_mask = _pad_rows(ins_ids, 16, np.int32)
+                ins, ins_mask = model.text.encode_padded(instructions, 16)
                 if cache is not None:
                     states = [cache.states[ex.id].transpose(1, 0, 2) for ex in chunk]  # [frames, L+1, dim]
-                    x, mask = _pad_rows(states, 8, np.float32)
+                    x, mask = pad_rows(states, 8, np.float32)
                     inputs, from_states = (x.transpose(0, 2, 1, 3), mask), True
                 else:
                     clips = [load_audio(ex.audio, offset=ex.offset if ex.segment else 0.0,
                                         duration=ex.duration if ex.segment else None) for ex in chunk]
-                    inputs, from_states = _pad_rows(clips, 16000, np.float32), False
+                    inputs, from_states = pad_rows(clips, SAMPLE_RATE, np.float32), False
                 out = model.generate_ids(inputs, ins, ins_mask, gen, constraint, from_states=from_states)
                 texts = model.decode_text(out)
                 for ex, ins_text, ref, hyp in zip(chunk, instructions, references, texts):

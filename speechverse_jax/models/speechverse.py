@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from speechverse_jax import rules, tree
 from speechverse_jax.models.downsampler import LAYER_COMBINATIONS, Downsampler, LayerCombination
 from speechverse_jax.models.layers import Dtype, LoRAConfig, constrain
 from speechverse_jax.models.t5 import T5, T5Config
@@ -60,6 +61,12 @@ class SpeechVerseConfig:
         return factor
 
 
+def speechverse_t5(cfg: SpeechVerseConfig) -> T5:
+    """The T5 of `SpeechVerse(cfg)` (same LoRA and dtypes): the one place it is built, so
+    generation can run it alone on `params['t5']`."""
+    return T5(cfg.t5, lora=cfg.lora, dtype=cfg.compute_dtype, param_dtype=DTYPES[cfg.frozen_param_dtype])
+
+
 class AudioEmbeddings(NamedTuple):
     embeddings: jax.Array  # [batch, audio_tokens, d_model]
     mask: jax.Array  # [batch, audio_tokens] bool
@@ -101,7 +108,7 @@ class SpeechVerse(nn.Module):
             features=cfg.t5.d_model, strides=tuple(cfg.downsample_strides),
             kernel_size=cfg.downsample_kernel, dtype=dtype,
         )
-        self.t5 = T5(cfg.t5, lora=cfg.lora, dtype=dtype, param_dtype=frozen)
+        self.t5 = speechverse_t5(cfg)
 
     def encode_audio(self, audio: jax.Array, audio_mask: jax.Array) -> Tuple[Tuple[jax.Array, ...], jax.Array]:
         """Frozen WavLM: audio `[b, samples]` -> (L+1 hidden states `[b, frames, dim]`, frame mask).
@@ -187,7 +194,16 @@ def init_params(cfg: SpeechVerseConfig, rng: jax.Array, batch: int = 1, samples:
     model = SpeechVerse(cfg)
     audio = jnp.zeros((batch, samples), jnp.float32)
     ids = jnp.zeros((batch, text_len), jnp.int32)
-    return model.init(rng, audio, jnp.ones_like(audio, bool), ids, jnp.ones_like(ids, bool), ids)["params"]
+    params = model.init(rng, audio, jnp.ones_like(audio, bool), ids, jnp.ones_like(ids, bool), ids)["params"]
+    if cfg.lora is not None:  # a LoRA target regex that adapts nothing is a mistake, not a no-op
+        rules.check_used([cfg.lora.target_regex], sorted({k.rsplit("/", 1)[0] for k in tree.flatten(params)}),
+                         "model.lora.target_regex")
+    return params
+
+
+def abstract_params(cfg: SpeechVerseConfig) -> Any:
+    """Shape-only params (`jax.ShapeDtypeStruct` leaves, unboxed) of the composed model."""
+    return nn.unbox(jax.eval_shape(lambda r: init_params(cfg, r), jax.random.PRNGKey(0)))
 
 
 def init_params_subset(cfg: SpeechVerseConfig, rng: jax.Array, keep, out_shardings=None) -> dict:
@@ -197,10 +213,7 @@ def init_params_subset(cfg: SpeechVerseConfig, rng: jax.Array, keep, out_shardin
     initialising the adaptor and LoRA of a 3B model does not materialise its frozen weights.
     `out_shardings` (a flat dict path -> sharding) creates the leaves directly where they belong.
     """
-    from flax import traverse_util
-
     def fn(rng):
-        flat = traverse_util.flatten_dict(nn.unbox(init_params(cfg, rng)), sep="/")
-        return {k: v for k, v in flat.items() if keep(k)}
+        return {k: v for k, v in tree.flatten(nn.unbox(init_params(cfg, rng))).items() if keep(k)}
 
-    return traverse_util.unflatten_dict(jax.jit(fn, out_shardings=out_shardings)(rng), sep="/")
+    return tree.unflatten(jax.jit(fn, out_shardings=out_shardings)(rng))

@@ -18,9 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from speechverse_jax import tree as tree_lib
+from speechverse_jax.data.audio import SAMPLE_RATE
 from speechverse_jax.train import flops as flops_lib
 
-SAMPLE_RATE = 16000
 
 
 def mesh_devices(config) -> int:
@@ -62,7 +63,7 @@ def compile_train_step(config, log_fn=print, compiler_options: Optional[Dict[str
     from flax import traverse_util
 
     from speechverse_jax import checkpoints as base_ckpt
-    from speechverse_jax import config_lib
+    from speechverse_jax.models import config as model_cfg_lib
     from speechverse_jax.models.speechverse import SpeechVerse, init_params
     from speechverse_jax.train import optimizer as opt_lib
     from speechverse_jax.train import partitioning
@@ -71,7 +72,7 @@ def compile_train_step(config, log_fn=print, compiler_options: Optional[Dict[str
     wavlm_cfg = t5_cfg = None
     if config.base_checkpoint:
         wavlm_cfg, t5_cfg, _ = base_ckpt.load_model_config(config.base_checkpoint)
-    model_cfg = config_lib.build_model_config(config.model, wavlm_cfg, t5_cfg)
+    model_cfg = model_cfg_lib.build_model_config(config.model, wavlm_cfg, t5_cfg)
     model = SpeechVerse(model_cfg)
     mesh = partitioning.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     rules = partitioning.rules_from_config(config.mesh.rules)
@@ -125,7 +126,7 @@ def compile_train_step(config, log_fn=print, compiler_options: Optional[Dict[str
         "device_kind": str(jax.devices()[0].device_kind),
         "batch": shapes,
         "accum_steps": accum,
-        "params": {"frozen": opt_lib.count(frozen), "trainable": opt_lib.count(trainable)},
+        "params": {"frozen": tree_lib.count(frozen), "trainable": tree_lib.count(trainable)},
         "per_device_bytes": {
             "frozen_params": _bytes_per_device(frozen),
             "trainable_params": _bytes_per_device(state.params),

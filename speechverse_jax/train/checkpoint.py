@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
-from speechverse_jax import fs
-
-
-def abs_path(path: str) -> str:
-    """Absolute local path; remote (gs://) paths unchanged (orbax wants absolute paths)."""
-    return str(path) if "://" in str(path) else os.path.abspath(str(path))
+from speechverse_jax import fs, tree
 
 
 def _json_state(data_state: Any) -> Any:
@@ -39,7 +36,7 @@ def _from_json_state(data_state: Any) -> Any:
 
 class Checkpointer:
     def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
-        self.workdir = abs_path(workdir)
+        self.workdir = fs.abs_path(workdir)
         make = lambda sub, n: ocp.CheckpointManager(  # noqa: E731
             os.path.join(self.workdir, sub),
             options=ocp.CheckpointManagerOptions(max_to_keep=n, create=True, enable_async_checkpointing=async_save),
@@ -81,7 +78,7 @@ def restore(directory: str, abstract_state: Any, step: Optional[int] = None) -> 
 
     `abstract_state` (arrays or ShapeDtypeStructs with shardings) decides where the arrays land.
     """
-    directory = abs_path(directory)
+    directory = fs.abs_path(directory)
     with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False)) as mgr:
         step = mgr.latest_step() if step is None else step
         if step is None:
@@ -96,7 +93,7 @@ def restore(directory: str, abstract_state: Any, step: Optional[int] = None) -> 
 
 def read_meta(directory: str, step: Optional[int] = None) -> Tuple[int, dict]:
     """(step, meta) of a checkpoint without touching its arrays."""
-    directory = abs_path(directory)
+    directory = fs.abs_path(directory)
     with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False)) as mgr:
         step = mgr.latest_step() if step is None else step
         if step is None:
@@ -107,7 +104,34 @@ def read_meta(directory: str, step: Optional[int] = None) -> Tuple[int, dict]:
 
 def write_config(workdir: str, config) -> str:
     """The resolved config next to the checkpoints (also stored in every checkpoint's meta)."""
-    path = os.path.join(abs_path(workdir), "config.json")
-    fs.makedirs(abs_path(workdir))
+    path = os.path.join(fs.abs_path(workdir), "config.json")
+    fs.makedirs(fs.abs_path(workdir))
     fs.write_text(path, config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort") else json.dumps(config, indent=2))
     return path
+
+
+def load_trainable_params(path: str, prefer: str = "best") -> Dict[str, np.ndarray]:
+    """Trainable params (flat) of a run folder: its best checkpoint, else its latest (or the
+    reverse with prefer='latest'); a checkpoint-manager folder works too."""
+    order = ("best", "checkpoints") if prefer == "best" else ("checkpoints", "best")
+    candidates = [os.path.join(path, sub) for sub in order] + [path]
+    for c in candidates:
+        try:
+            step, _ = read_meta(c)
+        except (FileNotFoundError, ValueError, OSError):
+            continue
+        directory = fs.abs_path(c)
+        # Restore replicated onto this run's devices (whatever mesh or process count wrote it), so
+        # every process holds the whole (small) trainable tree and can re-shard it.
+        everywhere = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(jax.devices()), ("all",)),
+                                                jax.sharding.PartitionSpec())
+        handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                    "meta": ocp.JsonCheckpointHandler()}
+        with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
+                                   item_handlers=handlers) as mgr:
+            metadata = mgr.item_metadata(step)["state"]
+            target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=everywhere),
+                                            metadata.tree if hasattr(metadata, "tree") else metadata)
+            state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+        return {k: np.asarray(v) for k, v in tree.flatten(state["params"]).items()}
+    raise FileNotFoundError(f"{path}: no checkpoint under {candidates}")

@@ -58,12 +58,11 @@ def stage_configs(config) -> Dict[str, Any]:
     for name in config.order:
         stage = copy.deepcopy(config[name])
         with stage.unlocked():
-            if config.get("base_checkpoint"):
+            if config.base_checkpoint:
                 stage.base_checkpoint = config.base_checkpoint
-            shared = config.get("data") or {}
             for key in ("train_manifests", "eval_manifests", "tokenizer"):
-                if shared.get(key):
-                    stage.data[key] = shared[key]
+                if config.data[key]:
+                    stage.data[key] = config.data[key]
             if previous is not None and not stage.train.init_from:
                 stage.train.init_from = previous
         out[name] = stage

@@ -13,17 +13,18 @@ import dataclasses
 import functools
 import logging
 import math
-import os
 import time
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Protocol
 
 import flax.linen as nn
 import jax
 import numpy as np
-from flax import traverse_util
 
+from speechverse_jax import tree as tree_lib
+from speechverse_jax.data.audio import SAMPLE_RATE
 from speechverse_jax import checkpoints as base_ckpt
-from speechverse_jax import config_lib
+from speechverse_jax.models import config as model_cfg_lib
+from speechverse_jax.models import lora as lora_lib
 from speechverse_jax.models.speechverse import SpeechVerse, SpeechVerseConfig, init_params, init_params_subset
 from speechverse_jax.train import checkpoint as ckpt_lib
 from speechverse_jax.train import optimizer as opt_lib
@@ -32,7 +33,6 @@ from speechverse_jax.train.metrics_log import MetricsWriter
 from speechverse_jax.train.step import init_state, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
-SAMPLE_RATE = 16000
 
 
 class TrainData(Protocol):
@@ -67,93 +67,50 @@ class Setup:
     param_shardings: Dict[str, Any]  # flat path -> NamedSharding
 
 
-def _flat(tree):
-    return traverse_util.flatten_dict(tree, sep="/")
-
-
-def _unflat(flat):
-    return traverse_util.unflatten_dict(flat, sep="/")
-
-
 def build_setup(config, mesh: Optional[jax.sharding.Mesh] = None, log_fn: Callable = print) -> Setup:
     """Model config, mesh, param labels; frozen params restored and trainable params initialised
     (or taken from the previous stage, LoRA grafted) directly into their shardings."""
     wavlm_cfg = t5_cfg = None
     if config.base_checkpoint:
         wavlm_cfg, t5_cfg, _ = base_ckpt.load_model_config(config.base_checkpoint)
-    model_cfg = config_lib.build_model_config(config.model, wavlm_cfg, t5_cfg)
+    model_cfg = model_cfg_lib.build_model_config(config.model, wavlm_cfg, t5_cfg)
     model = SpeechVerse(model_cfg)
     if mesh is None:
         mesh = partitioning.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     rules = partitioning.rules_from_config(config.mesh.rules)
     rng = jax.random.PRNGKey(int(config.train.seed))
     boxed = jax.eval_shape(lambda r: init_params(model_cfg, r), rng)
-    shardings = _flat(partitioning.param_shardings(boxed, mesh, rules))
-    abstract = _flat(nn.unbox(boxed))
-    labels = opt_lib.label_params(_unflat(abstract), [tuple(r) for r in config.train.param_rules])
-    log_fn(opt_lib.describe(labels, _unflat(abstract)))
+    shardings = tree_lib.flatten(partitioning.param_shardings(boxed, mesh, rules))
+    abstract = tree_lib.flatten(nn.unbox(boxed))
+    labels = opt_lib.label_params(tree_lib.unflatten(abstract), [tuple(r) for r in config.train.param_rules])
+    log_fn(opt_lib.describe(labels, tree_lib.unflatten(abstract)))
 
     frozen_paths = {k for k, v in labels.items() if v == opt_lib.FREEZE}
     train_paths = {k for k, v in labels.items() if v == opt_lib.TRAIN}
     frozen = {}
     if config.base_checkpoint:
         in_base = {k for k in frozen_paths if k.startswith(("wavlm/", "t5/"))}
-        target = _unflat({k: jax.ShapeDtypeStruct(abstract[k].shape, abstract[k].dtype, sharding=shardings[k])
+        target = tree_lib.unflatten({k: jax.ShapeDtypeStruct(abstract[k].shape, abstract[k].dtype, sharding=shardings[k])
                           for k in in_base})
-        frozen = _flat(base_ckpt.load_base_params(config.base_checkpoint, target))
+        frozen = tree_lib.flatten(base_ckpt.load_base_params(config.base_checkpoint, target))
     missing_frozen = frozen_paths - set(frozen)
     if missing_frozen:
         if config.base_checkpoint:
             log_fn(f"warning: {len(missing_frozen)} frozen params are not in the base checkpoint and stay at "
                    f"their random init: {sorted(missing_frozen)[:5]}...")
-        frozen.update(_flat(init_params_subset(model_cfg, rng, keep=missing_frozen.__contains__,
+        frozen.update(tree_lib.flatten(init_params_subset(model_cfg, rng, keep=missing_frozen.__contains__,
                                                out_shardings={k: shardings[k] for k in missing_frozen})))
-    trainable = _flat(init_params_subset(model_cfg, jax.random.fold_in(rng, 1), keep=train_paths.__contains__,
+    trainable = tree_lib.flatten(init_params_subset(model_cfg, jax.random.fold_in(rng, 1), keep=train_paths.__contains__,
                                          out_shardings={k: shardings[k] for k in train_paths}))
-    init_from = config.train.get("init_from", "")
+    init_from = config.train.init_from
     if init_from:
-        previous = previous_stage_params(init_from)
-        grafted = sorted(k for k in train_paths if k not in previous)
-        unused = sorted(k for k in previous if k not in train_paths)
-        if unused:
-            raise ValueError(f"train.init_from={init_from}: params not in this stage's trainable set: {unused[:10]}")
-        for k, v in previous.items():
-            if tuple(v.shape) != tuple(abstract[k].shape):
-                raise ValueError(f"train.init_from={init_from}: {k} has shape {v.shape}, this model wants "
-                                 f"{abstract[k].shape}")
-            trainable[k] = jax.device_put(np.asarray(v, abstract[k].dtype), shardings[k])
+        previous = ckpt_lib.load_trainable_params(init_from)
+        trainable, grafted = lora_lib.graft_lora(previous, trainable, where=f"train.init_from={init_from}")
+        for k in previous:
+            trainable[k] = jax.device_put(np.asarray(previous[k], abstract[k].dtype), shardings[k])
         log_fn(f"initialised from {init_from}: {len(previous)} params restored, {len(grafted)} new "
                f"({'LoRA grafted with b = 0' if any('/lora_' in k for k in grafted) else 'fresh init'})")
-    return Setup(model_cfg, model, mesh, labels, _unflat(frozen), _unflat(trainable), shardings)
-
-
-def previous_stage_params(path: str, prefer: str = "best") -> Dict[str, np.ndarray]:
-    """Trainable params (flat) of a run folder: its best checkpoint, else its latest (or the
-    reverse with prefer='latest'); a checkpoint-manager folder works too."""
-    import orbax.checkpoint as ocp
-
-    order = ("best", "checkpoints") if prefer == "best" else ("checkpoints", "best")
-    candidates = [os.path.join(path, sub) for sub in order] + [path]
-    for c in candidates:
-        try:
-            step, _ = ckpt_lib.read_meta(c)
-        except (FileNotFoundError, ValueError, OSError):
-            continue
-        directory = ckpt_lib.abs_path(c)
-        # Restore replicated onto this run's devices (whatever mesh or process count wrote it), so
-        # every process holds the whole (small) trainable tree and can re-shard it.
-        everywhere = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(jax.devices()), ("all",)),
-                                                jax.sharding.PartitionSpec())
-        handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
-                    "meta": ocp.JsonCheckpointHandler()}
-        with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
-                                   item_handlers=handlers) as mgr:
-            metadata = mgr.item_metadata(step)["state"]
-            target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=everywhere),
-                                            metadata.tree if hasattr(metadata, "tree") else metadata)
-            state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
-        return {k: np.asarray(v) for k, v in _flat(state["params"]).items()}
-    raise FileNotFoundError(f"{path}: no checkpoint under {candidates}")
+    return Setup(model_cfg, model, mesh, labels, tree_lib.unflatten(frozen), tree_lib.unflatten(trainable), shardings)
 
 
 def _put_batch(batch: Dict[str, np.ndarray], mesh) -> Dict[str, jax.Array]:
@@ -217,6 +174,102 @@ def evaluate(setup: Setup, params_trainable, data: TrainData, eval_fn) -> Dict[s
     return result
 
 
+class ThroughputMeter:
+    """Audio seconds, target tokens and model FLOPs per wall second since the last `record`."""
+
+    def __init__(self, model_cfg: SpeechVerseConfig, peak_flops: Optional[float]):
+        self.model_cfg, self.peak = model_cfg, peak_flops
+        self.reset()
+
+    def reset(self) -> None:
+        self.audio_s = self.tokens = self.flops = 0.0
+        self.steps, self.t0 = 0, time.time()
+
+    def add(self, batch) -> None:
+        self.audio_s += _audio_seconds(batch)
+        self.tokens += _target_tokens(batch)
+        self.flops += _step_flops(self.model_cfg, batch)
+        self.steps += 1
+
+    def record(self) -> Dict[str, float]:
+        """The rates of the steps added since the last reset (none: {}), then reset."""
+        out: Dict[str, float] = {}
+        elapsed = max(time.time() - self.t0, 1e-9)
+        if self.steps:
+            out = dict(step_time_s=elapsed / self.steps, audio_seconds_per_s=self.audio_s / elapsed,
+                       target_tokens_per_s=self.tokens / elapsed, model_tflops_per_s=self.flops / elapsed / 1e12)
+            if self.peak:
+                out["mfu"] = self.flops / elapsed / self.peak
+        self.reset()
+        return out
+
+
+@dataclasses.dataclass
+class EarlyStopping:
+    """Best validation loss so far and evaluations without improvement (checkpointed in meta)."""
+
+    patience: int
+    best: float = math.inf
+    without_improvement: int = 0
+
+    def update(self, loss: float) -> bool:
+        """Record a validation loss; True when it is the best so far."""
+        if loss < self.best:
+            self.best, self.without_improvement = loss, 0
+            return True
+        self.without_improvement += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return bool(self.patience) and self.without_improvement >= self.patience
+
+
+def _peak_flops(log_mfu: bool, say: Callable) -> Optional[float]:
+    """All devices' peak FLOP/s for the MFU figure (None: not reported)."""
+    if not log_mfu:
+        return None
+    from speechverse_jax.train.flops import peak_flops_per_device
+
+    per_device = peak_flops_per_device()
+    if not per_device:
+        return None
+    dev = jax.devices()[0]
+    say(f"MFU is reported against {per_device / 1e12:.3g} TFLOP/s per device x {jax.device_count()} "
+        f"devices ({dev.device_kind}{', measured float32 matmul' if dev.platform == 'cpu' else ''})")
+    return per_device * jax.device_count()
+
+
+def _train_record(metrics, data: TrainData, meter: ThroughputMeter) -> Dict[str, float]:
+    m = metrics
+    record = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+              "learning_rate": float(m["learning_rate"]), "skipped_steps": int(m["skipped_steps"])}
+    record.update(meter.record())  # (the first step's time is compilation: reported once, apart)
+    for i, name in enumerate(data.task_names):
+        if m["task_tokens"][i]:
+            record[f"loss/{name}"] = float(m["task_nll"][i] / m["task_tokens"][i])
+    return record
+
+
+def _check_finite(m, step: int, max_skips: int, say: Callable) -> None:
+    if not bool(m["finite"]):
+        say(f"step {step}: non-finite loss or gradient, update skipped "
+            f"({int(m['consecutive_skips'])} in a row, {int(m['skipped_steps'])} in total)")
+    if int(m["consecutive_skips"]) > max_skips:
+        raise NonFiniteError(
+            f"{int(m['consecutive_skips'])} steps in a row had a non-finite loss or gradient "
+            f"(train.max_consecutive_skips={max_skips}). The paper saw gradient explosions without the "
+            "curriculum: start from the previous stage, lower optim.lr, or check the data.")
+
+
+def _validate(setup: Setup, state, data: TrainData, eval_fn) -> Dict[str, float]:
+    val = evaluate(setup, state.params, data, eval_fn)
+    stats = data.stats() if hasattr(data, "stats") else {}
+    val["skipped_examples"] = sum(v for k, v in stats.items() if k.startswith("skipped/"))
+    val["filtered_examples"] = sum(v for k, v in stats.items() if k.startswith("filtered/"))
+    return val
+
+
 def train(config, workdir: str, data: TrainData, mesh=None, progress: bool = True) -> Dict[str, Any]:
     """Run one stage until `train.max_steps` or early stopping. Returns a summary dict."""
     from tqdm import tqdm
@@ -229,48 +282,39 @@ def train(config, workdir: str, data: TrainData, mesh=None, progress: bool = Tru
     tx, schedule = opt_lib.make_optimizer(config.optim)
     n_tasks = max(len(data.task_names), 1)
     state = jax.jit(lambda p: init_state(p, tx, int(tcfg.seed)))(setup.trainable)
-    say(f"optimizer state: {opt_lib.count(state.opt_state):,} values "
-        f"(= {opt_lib.count(state.opt_state) / max(opt_lib.count(state.params), 1):.2f} x trainable)")
+    say(f"optimizer state: {tree_lib.count(state.opt_state):,} values "
+        f"(= {tree_lib.count(state.opt_state) / max(tree_lib.count(state.params), 1):.2f} x trainable)")
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=int(tcfg.keep_checkpoints))
     data_iter = data.train_iterator()
-    best_val, evals_without_improvement = math.inf, 0
-    start = checkpointer.latest_step()
-    if start is not None:
+    stopper = EarlyStopping(int(tcfg.early_stopping_patience))
+    if checkpointer.latest_step() is not None:
         abstract = jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
         state, data_state, meta = checkpointer.restore(abstract)
         if data_state is not None:
             data_iter.set_state(data_state)
-        best_val = float(meta.get("best_val_loss", math.inf))
-        evals_without_improvement = int(meta.get("evals_without_improvement", 0))
+        stopper.best = float(meta.get("best_val_loss", math.inf))
+        stopper.without_improvement = int(meta.get("evals_without_improvement", 0))
         say(f"resumed from {workdir} at step {int(state.step)}")
 
     state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
     step_fn = jax.jit(make_train_step(setup.model, tx, schedule, n_tasks, int(tcfg.accum_steps)),
                       out_shardings=(state_shardings, None), donate_argnums=(0,))
     eval_fn = jax.jit(make_eval_step(setup.model, n_tasks))
-    writer = MetricsWriter(workdir, tensorboard=bool(tcfg.get("tensorboard", True)))
+    writer = MetricsWriter(workdir, tensorboard=bool(tcfg.tensorboard))
 
-    def meta(extra=None):
-        return {"config": config.to_dict() if hasattr(config, "to_dict") else dict(config),
-                "base_checkpoint": config.base_checkpoint, "best_val_loss": best_val,
-                "evals_without_improvement": evals_without_improvement, **(extra or {})}
+    def save(step, best=False):
+        meta = {"config": config.to_dict() if hasattr(config, "to_dict") else dict(config),
+                "base_checkpoint": config.base_checkpoint, "best_val_loss": stopper.best,
+                "evals_without_improvement": stopper.without_improvement, "step": step}
+        checkpointer.save(step, state, data_iter.get_state(), meta, best=best)
 
-    max_steps = int(tcfg.max_steps)
+    max_steps, every = int(tcfg.max_steps), lambda n: step % int(n) == 0 or step == max_steps
     step = int(state.step)
     stop_reason = "max_steps"
     bar = tqdm(total=max_steps, initial=step, disable=not (progress and is_main), desc="train", unit="step",
                dynamic_ncols=True)
-    peak = None
-    if tcfg.get("log_mfu", True):
-        from speechverse_jax.train.flops import peak_flops_per_device
-
-        per_device = peak_flops_per_device()
-        peak = per_device * jax.device_count() if per_device else None
-        if per_device:
-            say(f"MFU is reported against {per_device / 1e12:.3g} TFLOP/s per device x {jax.device_count()} "
-                f"devices ({jax.devices()[0].device_kind}{', measured float32 matmul' if jax.devices()[0].platform == 'cpu' else ''})")
-    window = {"audio_s": 0.0, "tokens": 0.0, "flops": 0.0, "t0": time.time(), "steps": 0}
+    meter = ThroughputMeter(setup.model_cfg, _peak_flops(bool(tcfg.log_mfu), say))
     compile_s = None
     try:
         while step < max_steps:
@@ -282,70 +326,36 @@ def train(config, workdir: str, data: TrainData, mesh=None, progress: bool = Tru
                 jax.block_until_ready(state.step)
                 compile_s = time.time() - t_step
                 say(f"first step (compile + run): {compile_s:.1f}s")
-                window = {"audio_s": 0.0, "tokens": 0.0, "flops": 0.0, "t0": time.time(), "steps": 0}
+                meter.reset()
             else:
-                window["audio_s"] += _audio_seconds(batch)
-                window["tokens"] += _target_tokens(batch)
-                window["flops"] += _step_flops(setup.model_cfg, batch)
-                window["steps"] += 1
-            if step % int(tcfg.log_every) == 0 or step == max_steps:
+                meter.add(batch)
+            if every(tcfg.log_every):
                 m = jax.device_get(metrics)
-                elapsed = max(time.time() - window["t0"], 1e-9)
-                record = {
-                    "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
-                    "learning_rate": float(m["learning_rate"]), "skipped_steps": int(m["skipped_steps"]),
-                }
-                if window["steps"]:  # (the first step's time is compilation: reported once above)
-                    record.update(step_time_s=elapsed / window["steps"], audio_seconds_per_s=window["audio_s"] / elapsed,
-                                  target_tokens_per_s=window["tokens"] / elapsed,
-                                  model_tflops_per_s=window["flops"] / elapsed / 1e12)
-                    if peak:
-                        record["mfu"] = window["flops"] / elapsed / peak
-                for i, name in enumerate(data.task_names):
-                    if m["task_tokens"][i]:
-                        record[f"loss/{name}"] = float(m["task_nll"][i] / m["task_tokens"][i])
-                if not bool(m["finite"]):
-                    say(f"step {step}: non-finite loss or gradient, update skipped "
-                        f"({int(m['consecutive_skips'])} in a row, {int(m['skipped_steps'])} in total)")
+                record = _train_record(m, data, meter)
                 writer.write(step, "train", record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['learning_rate']:.2e}")
-                window = {"audio_s": 0.0, "tokens": 0.0, "flops": 0.0, "t0": time.time(), "steps": 0}
-                if int(m["consecutive_skips"]) > int(tcfg.max_consecutive_skips):
-                    raise NonFiniteError(
-                        f"{int(m['consecutive_skips'])} steps in a row had a non-finite loss or gradient "
-                        f"(train.max_consecutive_skips={int(tcfg.max_consecutive_skips)}). The paper saw gradient "
-                        "explosions without the curriculum: start from the previous stage, lower optim.lr, or "
-                        "check the data.")
+                _check_finite(m, step, int(tcfg.max_consecutive_skips), say)
             bar.update(1)
-            is_eval = step % int(tcfg.eval_every) == 0 or step == max_steps
-            improved = False
+            is_eval, improved = every(tcfg.eval_every), False
             if is_eval:
-                val = evaluate(setup, state.params, data, eval_fn)
-                stats = data.stats() if hasattr(data, "stats") else {}
-                val["skipped_examples"] = sum(v for k, v in stats.items() if k.startswith("skipped/"))
-                val["filtered_examples"] = sum(v for k, v in stats.items() if k.startswith("filtered/"))
+                val = _validate(setup, state, data, eval_fn)
                 writer.write(step, "eval", val)
-                improved = val["loss"] < best_val
-                if improved:
-                    best_val, evals_without_improvement = val["loss"], 0
-                else:
-                    evals_without_improvement += 1
-                say(f"step {step}: val loss {val['loss']:.4f} (best {best_val:.4f})")
-            if step % int(tcfg.checkpoint_every) == 0 or step == max_steps or improved:
-                checkpointer.save(step, state, data_iter.get_state(), meta({"step": step}), best=improved)
+                improved = stopper.update(val["loss"])
+                say(f"step {step}: val loss {val['loss']:.4f} (best {stopper.best:.4f})")
+            if every(tcfg.checkpoint_every) or improved:
+                save(step, best=improved)
                 writer.sync()
-            patience = int(tcfg.get("early_stopping_patience", 0))
-            if is_eval and patience and evals_without_improvement >= patience:
-                stop_reason = f"early stopping: no val improvement in {patience} evaluations"
+            if is_eval and stopper.should_stop:
+                stop_reason = f"early stopping: no val improvement in {stopper.patience} evaluations"
                 if step % int(tcfg.checkpoint_every) != 0 and not improved:
-                    checkpointer.save(step, state, data_iter.get_state(), meta({"step": step}))
+                    save(step)
                 break
     finally:
         bar.close()
         checkpointer.close()
         writer.close()
-    summary = {"workdir": workdir, "steps": step, "stop_reason": stop_reason, "best_val_loss": best_val,
+    summary = {"workdir": workdir, "steps": step, "stop_reason": stop_reason, "best_val_loss": stopper.best,
                "skipped_steps": int(state.skipped_steps), "compile_seconds": compile_s,
                "data": data.stats() if hasattr(data, "stats") else {}}
-    say(f"stage done: {stop_reason}; best val loss {best_val:.4f}; {summary['skipped_steps']} skipped steps")
+    say(f"stage done: {stop_reason}; best val loss {stopper.best:.4f}; {summary['skipped_steps']} skipped steps")
     return {"summary": summary, "state": state, "setup": setup}

@@ -10,6 +10,7 @@ from typing import Dict, Optional
 import jax
 import numpy as np
 
+from speechverse_jax import fs
 
 def _plain(v):
     if isinstance(v, (np.generic, np.ndarray)) and np.ndim(v) == 0:
@@ -31,7 +32,7 @@ class MetricsWriter:
 
         self.enabled = jax.process_index() == 0
         self.workdir = str(workdir)
-        self.remote = "://" in self.workdir
+        self.remote = fs.is_remote(self.workdir)
         local = tempfile.mkdtemp(prefix="speechverse-metrics-") if self.remote else self.workdir
         self.path = os.path.join(local, "metrics.jsonl")
         self._tb = None
@@ -59,8 +60,6 @@ class MetricsWriter:
     def sync(self) -> None:
         """Copy the JSONL up to a remote run folder (no-op for a local one)."""
         if self.enabled and self.remote:
-            from speechverse_jax import fs
-
             self._file.flush()
             fs.copy(self.path, f"{self.workdir}/metrics.jsonl")
 

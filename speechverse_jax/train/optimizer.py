@@ -8,65 +8,55 @@ only ever sees the trainable tree, so no frozen weight has a gradient or an Adam
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any, Dict, List, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import traverse_util
+
+from speechverse_jax import rules, tree
 
 log = logging.getLogger(__name__)
 
 TRAIN, FREEZE = "train", "freeze"
 
 
-def label_params(params: Any, rules: Sequence[Tuple[str, str]]) -> Dict[str, str]:
-    """'/'-joined path -> 'train' | 'freeze'. Raises naming every unmatched path."""
-    compiled = []
-    for pattern, label in rules:
+def label_params(params: Any, param_rules: Sequence[Tuple[str, str]]) -> Dict[str, str]:
+    """'/'-joined path -> 'train' | 'freeze': the first rule whose regex fullmatches the path
+    (speechverse_jax/rules.py). Raises naming every unmatched path, and every rule that matches
+    no param."""
+    for pattern, label in param_rules:
         if label not in (TRAIN, FREEZE):
             raise ValueError(f"train.param_rules: label of {pattern!r} must be 'train' or 'freeze', got {label!r}")
-        compiled.append((re.compile(pattern), label))
+        rules.compile_rule(pattern, "train.param_rules")
+    paths = list(tree.flatten(params))
     labels, unmatched = {}, []
-    for path in traverse_util.flatten_dict(params, sep="/"):
-        for regex, label in compiled:
-            if regex.search(path):
-                labels[path] = label
-                break
-        else:
+    for path in paths:
+        hit = rules.first_match(param_rules, path)
+        if hit is None:
             unmatched.append(path)
+        else:
+            labels[path] = hit[1]
     if unmatched:
         raise ValueError(
-            f"train.param_rules match none of these {len(unmatched)} params (add a rule):\n  "
-            + "\n  ".join(unmatched[:50])
+            f"train.param_rules match none of these {len(unmatched)} params (add a rule; rules match whole "
+            f"paths with re.fullmatch):\n  " + "\n  ".join(unmatched[:50])
         )
+    rules.check_used([p for p, _ in param_rules], paths, "train.param_rules")
     return labels
 
 
 def split(params: Any, labels: Dict[str, str]) -> Tuple[dict, dict]:
     """(trainable tree, frozen tree), both nested dicts holding only their own leaves."""
-    flat = traverse_util.flatten_dict(params, sep="/")
+    flat = tree.flatten(params)
     train = {k: v for k, v in flat.items() if labels[k] == TRAIN}
     frozen = {k: v for k, v in flat.items() if labels[k] == FREEZE}
-    return traverse_util.unflatten_dict(train, sep="/"), traverse_util.unflatten_dict(frozen, sep="/")
-
-
-def merge(*trees: dict) -> dict:
-    """Inverse of `split`: one nested dict holding the leaves of all trees."""
-    flat = {}
-    for tree in trees:
-        flat.update(traverse_util.flatten_dict(tree, sep="/"))
-    return traverse_util.unflatten_dict(flat, sep="/")
-
-
-def count(tree: Any) -> int:
-    return int(sum(np.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(tree)))
+    return tree.unflatten(train), tree.unflatten(frozen)
 
 
 def describe(labels: Dict[str, str], params: Any) -> str:
-    flat = traverse_util.flatten_dict(params, sep="/")
+    flat = tree.flatten(params)
     n_train = sum(int(np.prod(np.shape(flat[k]))) for k, v in labels.items() if v == TRAIN)
     n_all = sum(int(np.prod(np.shape(x))) for x in flat.values())
     return f"params: {n_train:,} trainable, {n_all - n_train:,} frozen, {n_all:,} total"
@@ -79,9 +69,9 @@ def learning_rate_schedule(optim) -> optax.Schedule:
         raise ValueError(f"optim.lr must be positive, got {peak}")
     if warmup < 0 or total <= 0:
         raise ValueError(f"optim.warmup_steps must be >= 0 and optim.total_steps > 0, got {warmup}, {total}")
-    end = peak * float(optim.get("final_lr_fraction", 0.0))
+    end = peak * float(optim.final_lr_fraction)
     decay_steps = max(total - warmup, 1)
-    kind = optim.get("decay", "cosine")
+    kind = optim.decay
     if kind == "cosine":
         after = optax.cosine_decay_schedule(peak, decay_steps, alpha=end / peak)
     elif kind == "linear":
@@ -102,7 +92,7 @@ def make_optimizer(optim) -> Tuple[optax.GradientTransformation, optax.Schedule]
     schedule = learning_rate_schedule(optim)
     decay_mask = lambda tree: jax.tree_util.tree_map(lambda x: jnp.ndim(x) >= 2, tree)  # noqa: E731
     parts: List[optax.GradientTransformation] = []
-    if optim.get("clip_norm", 0.0) and optim.clip_norm > 0:
+    if optim.clip_norm and optim.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(float(optim.clip_norm)))
     parts.append(
         optax.adamw(schedule, b1=float(optim.b1), b2=float(optim.b2), eps=float(optim.eps),

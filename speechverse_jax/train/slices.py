@@ -1,6 +1,6 @@
 """Named hardware presets: mesh shape, micro-batch and gradient accumulation per slice.
 
-    config = config_lib.paper_stage_config("stage1", "wlm,v5e-16")   # or configs/stage1.py:wlm,v5e-16
+    config = configs.load("stage1", "wlm,v5e-16")   # or --config stage1:wlm,v5e-16 on the command line
     slices.apply_slice(config, "v5e-16")                               # the same thing by hand
 
 A preset fixes `config.mesh.{data,fsdp,tensor}`, `config.data.batch_size` (the GLOBAL batch, the

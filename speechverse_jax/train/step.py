@@ -16,7 +16,7 @@ import optax
 
 from speechverse_jax.models.speechverse import SpeechVerse, token_cross_entropy
 from speechverse_jax.models.t5 import shift_right
-from speechverse_jax.train.optimizer import merge
+from speechverse_jax.tree import merge
 
 Batch = Dict[str, jax.Array]
 

@@ -28,13 +28,19 @@ RECIPES: Dict[str, Callable[..., Dict[str, Any]]] = {
 }
 
 
-def run_prepare(dataset: str, src_dir: str, out_dir: str, **options) -> Dict[str, Any]:
-    """Run the recipe `dataset` (a key of RECIPES) with `options` (its keyword arguments)."""
+def recipe_name(dataset: str) -> str:
+    """A dataset name as typed ('LibriSpeech', 'cv', 'covost') -> its key in RECIPES."""
     key = dataset.lower().replace("-", "").replace("_", "")
     aliases = {"mcv": "commonvoice", "cv": "commonvoice", "covost": "covost2", "msp": "msppodcast"}
     key = aliases.get(key, key)
     if key not in RECIPES:
         raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(RECIPES)}")
+    return key
+
+
+def run_prepare(dataset: str, src_dir: str, out_dir: str, **options) -> Dict[str, Any]:
+    """Run the recipe `dataset` (a key of RECIPES) with `options` (its keyword arguments)."""
+    key = recipe_name(dataset)
     recipe = RECIPES[key]
     accepted = inspect.signature(recipe).parameters
     unknown = [k for k in options if k not in accepted]
