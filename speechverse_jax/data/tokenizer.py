@@ -63,6 +63,10 @@ class TextEncoder:
         eos = self.eos_id
         return [list(x) if x and x[-1] == eos else list(x) + [eos] for x in ids]
 
+    def encode_without_eos(self, text: str) -> List[int]:
+        """The ids of `text` alone (a label or slot value inside a longer target)."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     def encode_padded(self, texts: Sequence[str], multiple: int = 1) -> Tuple[np.ndarray, np.ndarray]:
         """-> (ids `[b, n]` int32, mask `[b, n]` bool), n the longest row rounded up to `multiple`."""
         return pad_rows([np.asarray(x, np.int32) for x in self.encode(texts)], multiple, np.int32)

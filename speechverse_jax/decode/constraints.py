@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from speechverse_jax.data import tasks
+from speechverse_jax.data.tokenizer import TextEncoder
 
 DONE, START = 0, 1
 _NO_TOKEN = np.iinfo(np.int32).max  # edge padding: out of range, dropped by the scatter
@@ -172,10 +173,7 @@ def slot_constraint(slot_labels: Sequence[str], encode: Encode, pieces: Sequence
 def tokenizer_fns(tokenizer) -> Tuple[Encode, List[Optional[str]]]:
     """(encode, pieces) of a Hugging Face tokenizer: encode gives target ids without EOS."""
 
-    def encode(text: str) -> List[int]:
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    return encode, list(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
+    return TextEncoder(tokenizer=tokenizer).encode_without_eos, list(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
 
 
 def load_labels(spec: Optional[str] = None, task: Optional[str] = None) -> List[str]:

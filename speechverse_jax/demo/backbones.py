@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from speechverse_jax.data.tokenizer import TextEncoder
 from speechverse_jax.models.speechverse import token_cross_entropy
 from speechverse_jax.models.t5 import T5, T5Config, shift_right
 from speechverse_jax.models.wavlm import WavLM, WavLMConfig, feature_lengths
@@ -221,8 +222,10 @@ def pretrain_t5(cfg: T5Config, pairs, tokenizer, steps: int, batch_size: int = 3
         def draw(r, n):
             return [pairs[j] for j in r.choice(len(pairs), n, replace=len(pairs) < n)]
 
+    text_encoder = TextEncoder(tokenizer=tokenizer)
+
     def encode(text, limit):
-        ids = tokenizer(text).input_ids[:limit]
+        ids = text_encoder.encode([text])[0][:limit]
         return ids if ids and ids[-1] == eos else ids[: limit - 1] + [eos]
 
     def pad_to(n, limit):

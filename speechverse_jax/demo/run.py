@@ -23,6 +23,7 @@ from typing import Any, Dict
 import numpy as np
 
 from speechverse_jax import configs
+from speechverse_jax.data.tokenizer import TextEncoder
 from speechverse_jax.models import config as model_cfg_lib
 
 
@@ -146,8 +147,8 @@ def text_check(t5_cfg, params, tokenizer, corpus_dir: str, split: str = "dev",
         sel = [r for r in rows if r["task"] == task]
         if not sel:
             continue
-        ids = [tokenizer(f"{r['transcript']} {tasks.build_instruction(task, r, i)}").input_ids
-               for i, r in enumerate(sel)]
+        ids = TextEncoder(tokenizer=tokenizer).encode(
+            [f"{r['transcript']} {tasks.build_instruction(task, r, i)}" for i, r in enumerate(sel)])
         arr = np.zeros((len(ids), max(map(len, ids))), np.int32)
         for i, x in enumerate(ids):
             arr[i, : len(x)] = x

@@ -85,7 +85,7 @@ def run_demo(out_dir: str = "outputs/demo") -> dict:
     rows = []
     print(f"{'clip':10s} {'seconds':>7s} {'wavlm states':>18s} {'target NLL/token':>17s}  text")
     for clip, text, st, loss in zip(clips, SENTENCES, states, nll):
-        n_tok = len(model.tokenizer(text).input_ids)
+        n_tok = len(model.text.encode([text])[0])
         secs = os.path.getsize(clip) / 32000
         rows.append({"audio": clip, "text": text, "hidden_states_shape": list(st.shape), "nll_per_token": loss / n_tok})
         print(f"{os.path.basename(clip):10s} {secs:7.2f} {str(tuple(st.shape)):>18s} {loss / n_tok:17.3f}  {text}")
