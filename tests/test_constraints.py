@@ -99,8 +99,7 @@ def test_constrained_outputs_are_labels(num_beams, model, encoded):
     assert not all(label_of(s[:-1]) for s in free)  # unconstrained, the model writes other things
     c = C.label_constraint(list(LABEL_IDS), LABEL_IDS.__getitem__, EOS)
     out = run(model, encoded, cfg, c)
-    print(num_beams, [label_of(s[:-1]) for s in out])
-    assert all(s[-1] == EOS and label_of(s[:-1]) for s in out)
+    assert all(s[-1] == EOS and label_of(s[:-1]) for s in out), (num_beams, out)
     assert len({tuple(s) for s in out}) >= 2  # the input decides which label
     single = C.label_constraint(["weather_query"], LABEL_IDS.__getitem__, EOS)
     assert run(model, encoded, cfg, single) == [LABEL_IDS["weather_query"] + [EOS]] * len(out)
@@ -135,7 +134,6 @@ def test_slot_constraint_keeps_the_format(num_beams, model, encoded):
     c = C.slot_constraint(SLOTS, SLOT_IDS.__getitem__, PIECES, EOS, PAD)
     out = run(model, encoded, cfg, c)
     texts = [slot_text(s[:-1] if s[-1] == EOS else s) for s in out]
-    print(num_beams, texts)
     free = [slot_text(s[:-1]) for s in run(model, encoded, cfg)]
     assert not all(SLOT_ANSWER.match(t) for t in free)
     for s, text in zip(out, texts):

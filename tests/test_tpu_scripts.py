@@ -77,10 +77,30 @@ def test_shellcheck_passes_on_every_script():
             assert os.access(os.path.join(SCRIPTS, name), os.X_OK), f"{name} is not executable"
 
 
-@pytest.mark.parametrize("script", COMMANDS + ("remote_setup.sh", "remote_launch.sh"))
+def header_comment(script):
+    """The comment block after the shebang, up to the first line that is not a comment."""
+    lines = open(os.path.join(SCRIPTS, script)).read().splitlines()[1:]
+    end = next(i for i, line in enumerate(lines) if not line.startswith("#"))
+    return lines[:end]
+
+
+@pytest.mark.parametrize("script", COMMANDS)
 def test_help_exits_zero(script):
     out = sh(script, "--help", check=0)
-    assert "usage" in out.stdout or script.startswith("remote_")
+    assert out.stdout.startswith(f"usage: {script} "), out.stdout
+
+
+@pytest.mark.parametrize("script", ("remote_setup.sh", "remote_launch.sh"))
+def test_remote_help_prints_the_whole_header(script):
+    """The remote_* scripts have no usage function: --help prints their header comment, all of it."""
+    out = sh(script, "--help", check=0)
+    header = header_comment(script)
+    assert len(header) >= 3 and out.stdout.splitlines() == header, out.stdout
+    usage = [line for line in header if line.lstrip("# ").startswith(("bash speechverse-jax/tpu_scripts/" + script,
+                                                                      script))]
+    assert usage, f"{script}: no usage line naming the script in its header"
+    for flag in ("--dry-run",) if script == "remote_setup.sh" else ("--status", "--stop", "--restart", "--upload-to"):
+        assert flag in out.stdout, (script, flag)
 
 
 def test_create_on_demand_and_spot():

@@ -41,7 +41,7 @@ while (($#)); do
     --src) [[ $# -ge 2 ]] || die "--src needs a value"; SRC="$2"; shift 2 ;;
     --venv) [[ $# -ge 2 ]] || die "--venv needs a value"; VENV="$2"; shift 2 ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) die "unknown option '$1' (the speechverse-jax arguments go after --)" ;;
   esac
 done
