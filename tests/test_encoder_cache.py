@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from speechverse_jax import checkpoints, config_lib
+from speechverse_jax import checkpoints
+from speechverse_jax.configs import common as config_common
 from speechverse_jax.api import SpeechVerseModel
 from speechverse_jax.data.audio import AudioError
 from speechverse_jax.data.encoder_cache import CachedFeatureData, EncoderCache, build_cache
@@ -178,7 +179,7 @@ def test_cached_feature_data_swaps_loader_audio_for_cached_states(model, corpus,
     from speechverse_jax.train.curriculum import make_data
 
     manifest, clips = corpus, CLIPS
-    config = config_lib.stage_config("stage1", batch_size=4)
+    config = config_common.stage_config("stage1", batch_size=4)
     config.base_checkpoint = tiny_base
     config.data.train_manifests = config.data.eval_manifests = manifest
     config.data.update(audio_buckets_seconds=BUCKETS, max_audio_seconds=1.0, instruction_buckets=(64, 128, 256),

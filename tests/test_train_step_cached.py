@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from speechverse_jax import config_lib
+from speechverse_jax.models.config import model_config
+from speechverse_jax.train.config import RULES_STAGE2, train_config
 from speechverse_jax.data.synthetic import random_batch
 from speechverse_jax.models.speechverse import SpeechVerse
 from speechverse_jax.train import optimizer as opt_lib
@@ -25,9 +26,9 @@ def _flat(tree):
 @pytest.fixture(scope="module")
 def parts(tiny_base):
     """(setup, jitted train step, initial state, encoder) for a stage-2 model: weighted layers, LoRA rank 4."""
-    config = config_lib.train_config(max_steps=10, lr=1e-2, warmup_steps=0, rules=config_lib.RULES_STAGE2)
+    config = train_config(max_steps=10, lr=1e-2, warmup_steps=0, rules=RULES_STAGE2)
     config.base_checkpoint = tiny_base
-    config.model = config_lib.model_config(layer_combination="weighted", lora_rank=4)
+    config.model = model_config(layer_combination="weighted", lora_rank=4)
     config.model.lora.dropout = 0.1  # dropout on (T5 dropout too): the step's rng must drive both paths alike
     config.model.t5_dropout_rate = 0.1
     setup = build_setup(config, log_fn=lambda *a: None)
