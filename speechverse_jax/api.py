@@ -21,7 +21,6 @@ from speechverse_jax import checkpoints, tree
 from speechverse_jax.data.audio import SAMPLE_RATE, load_audio
 from speechverse_jax.data.batching import pad_rows
 from speechverse_jax.data.tokenizer import TextEncoder, load_tokenizer
-from speechverse_jax.models.layers import LoRAConfig
 from speechverse_jax.models.speechverse import (SpeechVerse, SpeechVerseConfig, abstract_params, init_params_subset,
                                                 speechverse_t5, token_cross_entropy)
 from speechverse_jax.models.t5 import shift_right
@@ -41,19 +40,15 @@ class SpeechVerseModel:
         self.module = SpeechVerse(cfg)
 
     @classmethod
-    def from_base(
-        cls,
-        base_dir: str,
-        layer_combination: str = "last",
-        downsample_strides: Tuple[int, ...] = (2, 2),
-        lora: Optional[LoRAConfig] = None,
-        dtype: str = "float32",
-        seed: int = 0,
-    ) -> "SpeechVerseModel":
-        """Frozen backbones from `base_dir` plus freshly initialised adaptor (and LoRA, b = 0)."""
+    def from_base(cls, base_dir: str, model=None, seed: int = 0) -> "SpeechVerseModel":
+        """Frozen backbones from `base_dir` plus freshly initialised adaptor (and LoRA, b = 0).
+
+        `model` is a `config.model` section (`models.config.model_config(...)`, the training
+        configs' own); by default the paper's layout without LoRA."""
+        from speechverse_jax.models.config import build_model_config, model_config
+
         wavlm_cfg, t5_cfg, _ = checkpoints.load_model_config(base_dir)
-        cfg = SpeechVerseConfig(wavlm=wavlm_cfg, t5=t5_cfg, layer_combination=layer_combination,
-                                downsample_strides=tuple(downsample_strides), lora=lora, dtype=dtype)
+        cfg = build_model_config(model if model is not None else model_config(lora_rank=0), wavlm_cfg, t5_cfg)
         base = checkpoints.load_base_params(base_dir)
         fresh = init_params_subset(cfg, jax.random.PRNGKey(seed),
                                    keep=lambda p: not p.startswith(("wavlm/", "t5/")) or "/lora_" in p)

@@ -6,7 +6,7 @@ import re
 import numpy as np
 
 from speechverse_jax.api import SpeechVerseModel
-from speechverse_jax.models.layers import LoRAConfig
+from speechverse_jax.models.config import model_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,7 +33,7 @@ def test_readme_api_example_runs(tiny_base, tmp_path, capsys):
 
 
 def test_api_outputs_are_consistent(tiny_base):
-    model = SpeechVerseModel.from_base(tiny_base, lora=LoRAConfig(rank=4, alpha=8.0))
+    model = SpeechVerseModel.from_base(tiny_base, model=model_config(lora_rank=4))
     rng = np.random.default_rng(0)
     clips = [rng.standard_normal(n).astype(np.float32) * 0.1 for n in (9000, 5000)]
     states = model.encode(clips)

@@ -18,6 +18,7 @@ from speechverse_jax.configs import common as config_common
 from speechverse_jax.api import SpeechVerseModel
 from speechverse_jax.data.audio import AudioError
 from speechverse_jax.data.encoder_cache import CachedFeatureData, EncoderCache, build_cache
+from speechverse_jax.models.config import model_config
 from speechverse_jax.models.speechverse import SpeechVerse
 from speechverse_jax.models.wavlm import feature_lengths
 
@@ -55,7 +56,7 @@ def _write_corpus(root, clips, extra_rows=()):
 @pytest.fixture(scope="module")
 def model(tiny_base):
     """The converted tiny base (float32) with the demo's stage-1 model layout (weighted layers)."""
-    return SpeechVerseModel.from_base(tiny_base, layer_combination="weighted")
+    return SpeechVerseModel.from_base(tiny_base, model=model_config(layer_combination="weighted", lora_rank=0))
 
 
 @pytest.fixture(scope="module")

@@ -34,3 +34,9 @@ def test_a_name_or_a_path_resolves_and_a_wrong_one_is_named():
         configs.resolve("stage7")
     with pytest.raises(FileNotFoundError, match="nothere.py"):
         configs.resolve("nothere.py")
+
+
+def test_a_folder_named_like_a_config_does_not_hide_it(tmp_path, monkeypatch):
+    (tmp_path / "demo").mkdir()  # e.g. the output folder of `speechverse-jax demo --out demo`
+    monkeypatch.chdir(tmp_path)
+    assert configs.resolve("demo") == os.path.join(configs.PACKAGE_DIR, "demo.py")

@@ -25,7 +25,7 @@ def names() -> List[str]:
 def resolve(spec: str) -> str:
     """'NAME[:arg]' or 'FILE.py[:arg]' -> 'path/to/file.py[:arg]' (a file path wins over a name)."""
     path, sep, arg = spec.partition(":")
-    if os.path.exists(path) or path.endswith(".py") or os.sep in path:
+    if os.path.isfile(path) or path.endswith(".py") or os.sep in path:
         if not os.path.exists(path):
             raise FileNotFoundError(f"--config {spec}: no file {path}")
         return spec

@@ -54,7 +54,7 @@ def run_demo(out_dir: str = "outputs/demo") -> dict:
     from speechverse_jax import hf_tiny
     from speechverse_jax.api import SpeechVerseModel
     from speechverse_jax.convert.pipeline import convert_checkpoints
-    from speechverse_jax.models.layers import LoRAConfig
+    from speechverse_jax.models.config import model_config
 
     t0 = time.time()
     out_dir = os.path.abspath(out_dir)
@@ -79,7 +79,7 @@ def run_demo(out_dir: str = "outputs/demo") -> dict:
         raise SystemExit("conversion did not match the HF PyTorch reference; see verify_report.json")
 
     print("[4/4] loading through the Python API; encoder and whole model on the spoken clips")
-    model = SpeechVerseModel.from_base(base_dir, lora=LoRAConfig(rank=4, alpha=8.0))
+    model = SpeechVerseModel.from_base(base_dir, model=model_config(lora_rank=4))
     states = model.encode(clips)
     nll = model.score(clips, [INSTRUCTION] * len(clips), SENTENCES)
     rows = []
