@@ -76,10 +76,10 @@ DECODER_LM = {
                          num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
                          rope_scaling=dict(_LLAMA32_ROPE, factor=8.0), tie_word_embeddings=False),
     "qwen2.5-0.5b": dict(_QWEN25, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                         num_attention_heads=14, num_key_value_heads=2
+                         num_attention_heads=14, num_key_value_heads=2,
                          tie_word_embeddings=True),
     "qwen2.5-1.5b": dict(_QWEN25, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                         num_attention_heads=12, num_key_value_heads=2
+                         num_attention_heads=12, num_key_value_heads=2,
                          tie_word_embeddings=True),
     "qwen2.5-7b": dict(_QWEN25, vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                        num_attention_heads=28, num_key_value_heads=4
