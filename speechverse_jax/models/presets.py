@@ -82,7 +82,7 @@ DECODER_LM = {
                          num_attention_heads=12, num_key_value_heads=2,
                          tie_word_embeddings=True),
     "qwen2.5-7b": dict(_QWEN25, vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                       num_attention_heads=28, num_key_value_heads=4
+                       num_attention_heads=28, num_key_value_heads=4,
                        max_position_embeddings=131072, sliding_window=131072, tie_word_embeddings=False),
     "gemma-2-2b": dict(
         model_type="gemma2", vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
