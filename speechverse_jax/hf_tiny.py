@@ -144,7 +144,7 @@ _TINY_LM = dict(
     vocab_size=96,
     hidden_size=64,
     intermediate_size=96,
-    num_hidden_layers=3,
+    num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,  # GQA: 2 query heads per KV head
     head_dim=16,
@@ -166,7 +166,7 @@ TINY_DECODER_LMS = {
     "gemma2": dict(_TINY_LM, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=24,
                    sliding_window=4, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
                    rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
-    "gemma3": dict(_TINY_LM, num_hidden_layers=4, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
+    "gemma3": dict(_TINY_LM, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
                    query_pre_attn_scalar=24, sliding_window=4, final_logit_softcapping=None,
                    attn_logit_softcapping=None, sliding_window_pattern=2,
                    rope_parameters={"full_attention": dict(rope_type="linear", factor=4.0, rope_theta=1000000.0),
