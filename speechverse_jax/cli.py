@@ -9,12 +9,21 @@ from typing import List, Optional
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from speechverse_jax.convert.pipeline import convert_checkpoints
+    if (args.t5 is None) == (args.llm is None):
+        print("convert: pass exactly one of --t5 and --llm", file=sys.stderr)
+        return 2
+    if args.llm is not None:
+        from speechverse_jax.convert.pipeline_decoder import convert_decoder_checkpoints as convert_fn
 
-    report = convert_checkpoints(
-        wavlm_dir=args.wavlm, t5_dir=args.t5, out_dir=args.out, dtype=args.dtype,
+        llm_kw = dict(llm_dir=args.llm)
+    else:
+        from speechverse_jax.convert.pipeline import convert_checkpoints as convert_fn
+
+        llm_kw = dict(t5_dir=args.t5)
+    report = convert_fn(
+        wavlm_dir=args.wavlm, out_dir=args.out, dtype=args.dtype,
         verify=args.verify, report_path=args.report, overwrite=args.overwrite,
-        tolerance=args.tolerance,
+        tolerance=args.tolerance, **llm_kw,
     )
     if args.verify and not report["verify"]["passed"]:
         print(f"verification FAILED (max relative difference above {args.tolerance}); nothing written to {args.out}",
@@ -165,9 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="speechverse-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("convert", help="HF WavLM + T5 folders -> one converted base checkpoint")
+    p = sub.add_parser("convert", help="HF WavLM + T5 (or decoder-only LLM) folders -> one converted base checkpoint")
     p.add_argument("--wavlm", required=True, help="HF WavLM folder (config.json + safetensors or .bin)")
-    p.add_argument("--t5", required=True, help="HF T5 folder (config.json + weights [+ tokenizer])")
+    p.add_argument("--t5", help="HF T5 folder (config.json + weights [+ tokenizer])")
+    p.add_argument("--llm", help="instead of --t5: an HF Llama 3.x / Qwen2 / Gemma 2 / Gemma 3 causal-LM folder")
     p.add_argument("--out", required=True, help="output folder (local or gs://)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="storage dtype of the frozen weights")
     p.add_argument("--verify", action="store_true", help="compare against the HF PyTorch models (needs torch)")

@@ -158,3 +158,24 @@ def test_generation_from_audio_matches_hf_generate(composed):
                           max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=2).numpy()
     for row, n, r in zip(np.asarray(out.tokens), np.asarray(out.lengths), ref.tolist()):
         assert row[:n].tolist() == r[:n]
+
+
+def test_convert_cli_llm_verify_writes_a_loadable_base(composed, tmp_path):
+    from speechverse_jax import checkpoints
+    from speechverse_jax.cli import main
+    from speechverse_jax.convert.pipeline_decoder import load_decoder_model_config
+
+    wavlm_dir = str(tmp_path / "wavlm")
+    hf_tiny.save_wavlm(wavlm_dir, family="large")
+    out = str(tmp_path / "base")
+    assert main(["convert", "--wavlm", wavlm_dir, "--llm", composed["lm_dir"], "--out", out, "--verify"]) == 0
+    wcfg, lcfg, raw = load_decoder_model_config(out)
+    assert lcfg == composed["cfg"].llm and wcfg == composed["cfg"].wavlm and raw["llm_type"] == "decoder"
+    params = checkpoints.load_base_params(out)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params["llm"], composed["params"]["llm"])
+    with open(f"{out}/verify_report.json") as f:
+        report = __import__("json").load(f)
+    names = [r["tensor"] for r in report["verify"]["results"]]
+    assert report["verify"]["passed"] and "llm.logits" in names
+    assert sum(n.startswith("llm.hidden_states") for n in names) == lcfg.num_hidden_layers + 1
+    assert main(["convert", "--wavlm", wavlm_dir, "--out", str(tmp_path / "x")]) == 2  # neither --t5 nor --llm
