@@ -331,3 +331,20 @@ def test_preset_parameter_counts_equal_published_sizes():
             ref = transformers.AutoModelForCausalLM.from_config(
                 hf_cls[d["model_type"]](**{k: v for k, v in d.items() if k != "model_type"}))
         assert sum(p.numel() for p in ref.parameters()) == ours, name
+
+
+def test_params_carry_logical_axes():
+    """Params are born with logical axis names, so the mesh rules shard them like the T5 path."""
+    from flax import linen as nn
+
+    cfg = DecoderLMConfig.from_hf(dict(hf_tiny.TINY_DECODER_LMS["qwen2"], model_type="qwen2", tie_word_embeddings=False))
+    boxed = jax.eval_shape(lambda r: DecoderLM(cfg).init(r, input_ids=jnp.zeros((1, 2), jnp.int32)),
+                           jax.random.PRNGKey(0))["params"]
+    specs = traverse_util.flatten_dict(nn.get_partition_spec(boxed), sep="/")
+    assert tuple(specs["embed_tokens/embedding"]) == ("vocab", "embed")
+    assert tuple(specs["layers_0/self_attention/q/kernel"]) == ("embed", "heads")
+    assert tuple(specs["layers_0/self_attention/q/bias"]) == ("heads",)
+    assert tuple(specs["layers_0/self_attention/o/kernel"]) == ("heads", "embed")
+    assert tuple(specs["layers_0/mlp/down/kernel"]) == ("mlp", "embed")
+    assert tuple(specs["lm_head/kernel"]) == ("embed", "vocab")
+    assert tuple(specs["final_norm/scale"]) == ("norm",)
