@@ -198,8 +198,11 @@ def save_decoder_lm(out_dir: str, family: str, seed: int = 0, max_shard_size: Op
             if "norm" in name or name.endswith(".bias"):
                 p.add_(0.1 * torch.randn_like(p))
             elif p.dim() == 2:
-                # a larger init than 0.02 so the attention patterns are far from uniform
-                p.copy_(torch.randn_like(p) * 0.15)
+                # a larger init than 0.02 so the attention patterns are far from uniform; Gemma's
+                # embedding is multiplied by sqrt(hidden) in the forward, so it gets that much less
+                # (else the residual stream is the input token and the model just repeats it)
+                scale = 0.15 / kw["hidden_size"] ** 0.5 if (family.startswith("gemma") and "embed" in name) else 0.15
+                p.copy_(torch.randn_like(p) * scale)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     if not safe_serialization:
         # transformers 5 writes safetensors only: write a pytorch_model.bin by hand
