@@ -193,16 +193,7 @@ def save_decoder_lm(out_dir: str, family: str, seed: int = 0, max_shard_size: Op
     }[family]
     torch.manual_seed(seed)
     model = model_cls(config_cls(**kw)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith(".bias"):
-                p.add_(0.1 * torch.randn_like(p))
-            elif p.dim() == 2:
-                # a larger init than 0.02 so the attention patterns are far from uniform; Gemma's
-                # embedding is multiplied by sqrt(hidden) in the forward, so it gets that much less
-                # (else the residual stream is the input token and the model just repeats it)
-                scale = 0.15 / kw["hidden_size"] ** 0.5 if (family.startswith("gemma") and "embed" in name) else 0.15
-                p.copy_(torch.randn_like(p) * scale)
+    _randomize_lm(model, family, kw["hidden_size"], torch)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     if not safe_serialization:
         # transformers 5 writes safetensors only: write a pytorch_model.bin by hand
@@ -214,4 +205,37 @@ def save_decoder_lm(out_dir: str, family: str, seed: int = 0, max_shard_size: Op
         torch.save(state, os.path.join(out_dir, "pytorch_model.bin"))
         return out_dir
     model.save_pretrained(out_dir, **kwargs)
+    return out_dir
+
+
+def _randomize_lm(model, family: str, hidden: int, torch) -> None:
+    """Perturb norms and biases; larger weights than the 0.02 init so attention patterns are far
+    from uniform. Gemma's embedding is multiplied by sqrt(hidden) in the forward, so it gets that
+    much less (else the residual stream is the input token and the model just repeats it)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "vision_tower" in name or "multi_modal_projector" in name:
+                continue
+            if "norm" in name or name.endswith(".bias"):
+                p.add_(0.1 * torch.randn_like(p))
+            elif p.dim() == 2:
+                scale = 0.15 / hidden ** 0.5 if (family.startswith("gemma") and "embed" in name) else 0.15
+                p.copy_(torch.randn_like(p) * scale)
+
+
+def save_gemma3_multimodal(out_dir: str, seed: int = 0) -> str:
+    """A random `Gemma3ForConditionalGeneration` (tiny SigLIP tower + the tiny Gemma 3 text model),
+    the layout of the Gemma-3-4B+ checkpoints."""
+    torch = _torch()
+    import transformers
+
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14)
+    text = transformers.Gemma3TextConfig(**TINY_DECODER_LMS["gemma3"])
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                    image_token_index=93, boi_token_index=94, eoi_token_index=95)
+    torch.manual_seed(seed)
+    model = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    _randomize_lm(model, "gemma3", text.hidden_size, torch)
+    model.save_pretrained(out_dir)
     return out_dir

@@ -131,6 +131,20 @@ def test_sharded_and_bin_checkpoints_convert_identically(lms, tmp_path):
         jax.tree_util.tree_map(np.testing.assert_array_equal, p, params)
 
 
+def test_multimodal_gemma3_folder_converts_its_text_model(tmp_path):
+    """Gemma-3-4B+ checkpoints are `Gemma3ForConditionalGeneration`: the text model is converted,
+    the vision tower ignored, and the result matches HF; export writes a text-only model."""
+    folder = hf_tiny.save_gemma3_multimodal(str(tmp_path / "mm"))
+    cfg, params = convert_decoder_lm(HFCheckpoint(folder), dtype=np.float32)
+    assert cfg.family == "gemma3" and cfg.qk_norm and cfg.rope_local is not None
+    results = verify_decoder_lm(folder, cfg, params, tolerance=1e-4, lengths=(8, 5), left=(False, True))
+    assert all(r["ok"] for r in results), results
+    out = export_decoder_lm(cfg, params, str(tmp_path / "text"))
+    assert json.load(open(os.path.join(out, "config.json")))["model_type"] == "gemma3_text"
+    _, again = convert_decoder_lm(HFCheckpoint(out), dtype=np.float32)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, again, params)
+
+
 def _rewrite(folder, out, edit):
     from safetensors.numpy import load_file, save_file
 
