@@ -362,3 +362,24 @@ def test_params_carry_logical_axes():
     assert tuple(specs["layers_0/mlp/down/kernel"]) == ("mlp", "embed")
     assert tuple(specs["lm_head/kernel"]) == ("embed", "vocab")
     assert tuple(specs["final_norm/scale"]) == ("norm",)
+
+
+@pytest.mark.parametrize("name", ["llama-3.2-1b", "llama-3.1-8b", "gemma-3-1b"])
+def test_preset_rope_frequencies_equal_hf(name):
+    """The inverse frequencies we derive from a published config equal HF's own RoPE init."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    d = presets.DECODER_LM[name]
+    cfg = DecoderLMConfig.from_hf(d)
+    hf_cfg = {"llama": transformers.LlamaConfig, "gemma3_text": transformers.Gemma3TextConfig}[d["model_type"]](
+        **{k: v for k, v in d.items() if k != "model_type"})
+    if d["model_type"] == "llama":
+        ref, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg)
+        np.testing.assert_allclose(cfg.rope.inv_freq(cfg.head_dim), ref.numpy(), rtol=1e-6)
+    else:
+        from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
+
+        rot = Gemma3RotaryEmbedding(hf_cfg)
+        np.testing.assert_allclose(cfg.rope.inv_freq(cfg.head_dim), rot.full_attention_inv_freq.numpy(), rtol=1e-6)
+        np.testing.assert_allclose(cfg.rope_local.inv_freq(cfg.head_dim), rot.sliding_attention_inv_freq.numpy(),
+                                   rtol=1e-6)
