@@ -13,14 +13,15 @@ token.
 
 Checked token for token against HF `generate(inputs_embeds=..., attention_mask=...)` with
 greedy and beam search on tiny random Llama / Qwen2 / Gemma 2 / Gemma 3 models
-(tests/test_decoder_lm.py). Beam search moves hypotheses by gathering every cache row
-(`reorder_cache` of a cache without `slots`), which is simple but copies the keys/values.
+(tests/test_decoder_lm.py). Beam search keeps the prompt's keys/values once per example and each
+beam's generated ones in its own block (`expand_for_beams`); moving a hypothesis to another row
+gathers the small `slots` table only (`models.t5.reorder_cache`), never the keys/values.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 from speechverse_jax.decode.constraints import Constraint
 from speechverse_jax.decode.generate import (GenerateConfig, Generated, SpecialTokens, _round_up, batch_bucket,
                                              beam_search, greedy_search)
-from speechverse_jax.models.decoder_lm import DecoderLM
+from speechverse_jax.models.decoder_lm import DecoderLM, expand_for_beams
 
 
 def special_tokens(model: DecoderLM, eos_token_id: Optional[int] = None,
@@ -42,17 +43,18 @@ def special_tokens(model: DecoderLM, eos_token_id: Optional[int] = None,
     return SpecialTokens(start=pad, eos=int(eos), pad=int(pad))
 
 
-def _expand(cache: Dict[str, Any], k: int) -> Dict[str, Any]:
-    """b rows -> b * k rows, the beams of an example adjacent."""
-    return jax.tree_util.tree_map(lambda x: jnp.repeat(x, k, axis=0), cache)
-
-
 @functools.partial(jax.jit, static_argnames=("model", "cfg", "special"))
 def _generate(model: DecoderLM, params: Any, inputs_embeds: jax.Array, mask: jax.Array, cfg: GenerateConfig,
               special: SpecialTokens, constraint: Optional[Constraint]) -> Generated:
     variables = {"params": params}
-    max_length = inputs_embeds.shape[1] + cfg.max_new_tokens
-    first, cache = model.apply(variables, inputs_embeds, mask, max_length, method=DecoderLM.prefill)
+    k = cfg.num_beams
+    if k == 1:
+        max_length = inputs_embeds.shape[1] + cfg.max_new_tokens
+        first, cache = model.apply(variables, inputs_embeds, mask, max_length, method=DecoderLM.prefill)
+    else:
+        first, cache = model.apply(variables, inputs_embeds, mask, inputs_embeds.shape[1], method=DecoderLM.prefill)
+        cache = expand_for_beams(cache, k, cfg.max_new_tokens)
+        first = jnp.repeat(first, k, axis=0)
     cache = dict(cache, first_logits=first, started=jnp.zeros(first.shape[:1], bool))
 
     def step(tokens, cache):
@@ -68,9 +70,9 @@ def _generate(model: DecoderLM, params: Any, inputs_embeds: jax.Array, mask: jax
         logits, new = jax.lax.cond(cache["started"][0], run, prefilled, None)
         return logits, dict(new, first_logits=cache["first_logits"], started=jnp.ones_like(cache["started"]))
 
-    if cfg.num_beams == 1:
+    if k == 1:
         return greedy_search(step, cache, cfg, special, constraint)
-    return beam_search(step, _expand(cache, cfg.num_beams), cfg, special, constraint)
+    return beam_search(step, cache, cfg, special, constraint)
 
 
 def generate_lm(model: DecoderLM, params: Any, inputs_embeds: jax.Array, attention_mask: jax.Array,

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -465,6 +465,31 @@ class Attention(nn.Module):
         return self.o(out, deterministic)
 
 
+    def attend_beams(self, q: jax.Array, pk: jax.Array, pv: jax.Array, gk: jax.Array, gv: jax.Array,
+                     prompt_mask: jax.Array, gen_mask: jax.Array, deterministic: bool = True) -> jax.Array:
+        """One query per beam row against a beam cache (see `expand_for_beams`).
+
+        q `[b * r, 1, H, D]` (r beams per example, adjacent); prompt keys/values pk, pv `[b, T, KV, D]`
+        (shared by the beams); generated ones gk, gv `[b, r * N, KV, D]` (beam j's block at j * N);
+        masks bool `[b * r, T]` and `[b * r, r * N]`. -> `[b * r, 1, hidden]`. Keys and values are
+        read in place, never gathered per hypothesis.
+        """
+        c = self.cfg
+        b, t = pk.shape[0], pk.shape[1]
+        n, _, _, d = q.shape
+        r = n // b
+        qg = q.reshape(b, r, c.num_key_value_heads, c.num_groups, d)
+        s1 = jnp.einsum("brkgd,btkd->bkgrt", qg, pk.astype(self.dtype), preferred_element_type=jnp.float32)
+        s2 = jnp.einsum("brkgd,bskd->bkgrs", qg, gk.astype(self.dtype), preferred_element_type=jnp.float32)
+        scores = softcap(jnp.concatenate([s1, s2], axis=-1) * c.attention_scale, c.attn_logit_softcapping)
+        mask = jnp.concatenate([prompt_mask, gen_mask], axis=-1).reshape(b, 1, 1, r, -1)
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = (jnp.einsum("bkgrt,btkd->brkgd", weights[..., :t], pv.astype(self.dtype))
+               + jnp.einsum("bkgrs,bskd->brkgd", weights[..., t:], gv.astype(self.dtype)))
+        return self.o(out.reshape(n, 1, -1), deterministic)
+
+
 class MLP(nn.Module):
     """Gated MLP: `down(act(gate(x)) * up(x))`."""
 
@@ -532,6 +557,22 @@ class Layer(nn.Module):
         v = layer_cache["v"].at[rows, index].set(v_new[:, 0].astype(layer_cache["v"].dtype))
         out = self.self_attention.attend(q, k, v, mask, deterministic)
         return self._finish(x, out, deterministic), {"k": k, "v": v}
+
+
+    def step_beams(self, x, cos, sin, layer_cache, step, beams: int, prompt_mask, gen_mask,
+                   deterministic: bool = True):
+        """One position per beam row with a beam cache: x `[b * beams, 1, hidden]`; row (i, j) writes its
+        key/value at `[i, j * N + step]` of `gk`/`gv`."""
+        q, k_new, v_new = self.self_attention.qkv(self.input_norm(x), cos, sin, deterministic)
+        n = x.shape[0]
+        rows = jnp.arange(n)
+        per_beam = layer_cache["gk"].shape[1] // beams
+        ex, slot = rows // beams, (rows % beams) * per_beam + step
+        gk = layer_cache["gk"].at[ex, slot].set(k_new[:, 0].astype(layer_cache["gk"].dtype))
+        gv = layer_cache["gv"].at[ex, slot].set(v_new[:, 0].astype(layer_cache["gv"].dtype))
+        out = self.self_attention.attend_beams(q, layer_cache["k"], layer_cache["v"], gk, gv, prompt_mask, gen_mask,
+                                               deterministic)
+        return self._finish(x, out, deterministic), dict(layer_cache, gk=gk, gv=gv)
 
 
 class LMOutput(NamedTuple):
@@ -663,7 +704,11 @@ class DecoderLM(nn.Module):
         return logits, cache
 
     def decode_step(self, tokens: jax.Array, cache: Dict[str, Any], deterministic: bool = True):
-        """Feed one token per row (`[n]`) -> (logits `[n, vocab]` for the next token, updated cache)."""
+        """Feed one token per row (`[n]`) -> (logits `[n, vocab]` for the next token, updated cache).
+
+        Works on a `prefill` cache (one row per sequence) and on an `expand_for_beams` cache."""
+        if "slots" in cache:
+            return self._decode_step_beams(tokens, cache, deterministic)
         c = self.cfg
         n = tokens.shape[0]
         index, position = cache["index"], cache["position"]
@@ -685,6 +730,67 @@ class DecoderLM(nn.Module):
                                                      sliding if c.is_sliding(i) else full, deterministic)
         x = self.final_norm(x)
         return self.logits(x[:, 0]), new_cache
+
+    def _decode_step_beams(self, tokens: jax.Array, cache: Dict[str, Any], deterministic: bool = True):
+        c = self.cfg
+        n = tokens.shape[0]
+        b, t = cache["mask"].shape
+        beams = n // b
+        per_beam = cache["slots"].shape[1]
+        step, position = cache["index"], cache["position"]
+        rows = jnp.arange(n)
+        slots = cache["slots"].at[rows, step].set(rows % beams)
+        x = self.embed(tokens.reshape(n, 1))
+        ropes = self._rope(position[:, None])
+        here = t + step  # array index of the new token (prompt length + step)
+        prompt_keys = jnp.arange(t)
+        prompt_mask = jnp.repeat(cache["mask"], beams, axis=0)  # [n, T]
+        gen_steps = jnp.arange(per_beam)
+        seen = gen_steps[None, :] <= step[:, None]  # [n, N]
+        own = slots[:, None, :] == jnp.arange(beams)[None, :, None]  # [n, beams, N]
+        gen_mask = (own & seen[:, None, :]).reshape(n, beams * per_beam)
+        masks = {"full": (prompt_mask, gen_mask)}
+        if c.sliding_window:
+            w = c.sliding_window
+            p_win = prompt_mask & (prompt_keys[None, :] > here[:, None] - w)
+            g_win = (own & (seen & (t + gen_steps[None, :] > here[:, None] - w))[:, None, :]).reshape(n, -1)
+            masks["sliding"] = (p_win, g_win)
+        new_cache = dict(cache, index=step + 1, position=position + 1, slots=slots)
+        for i, layer in enumerate(self.layers):
+            cos, sin = self._layer_rope(ropes, i)
+            pm, gm = masks["sliding" if c.is_sliding(i) else "full"]
+            x, new_cache[f"layers_{i}"] = layer.step_beams(x, cos, sin, cache[f"layers_{i}"], step, beams, pm, gm,
+                                                           deterministic)
+        x = self.final_norm(x)
+        return self.logits(x[:, 0]), new_cache
+
+
+def expand_for_beams(cache: Dict[str, Any], beams: int, max_new_tokens: int) -> Dict[str, Any]:
+    """A `prefill` cache of b prompts (made with `max_length` = prompt length T) -> a beam cache
+    for b * beams rows (the beams of an example adjacent):
+
+        {'index': int32 [b * beams]    (tokens generated so far, the step s),
+         'position': int32 [b * beams], 'mask': bool [b, T] (the prompt's),
+         'slots': int32 [b * beams, N]  (beam block holding the key/value a row's hypothesis saw at step s),
+         'layers_{i}': {'k', 'v': [b, T, KV, D] (the prompt, shared by the beams),
+                        'gk', 'gv': [b, beams * N, KV, D] (generated; beam j writes at j * N + s)}}
+
+    Beam search moves a hypothesis between rows by gathering `slots` and `index` only
+    (`models.t5.reorder_cache`); the keys/values never move.
+    """
+    b, t = cache["mask"].shape
+    out: Dict[str, Any] = {
+        "index": jnp.zeros((b * beams,), jnp.int32),
+        "position": jnp.repeat(cache["position"], beams, axis=0),
+        "mask": cache["mask"],
+        "slots": jnp.zeros((b * beams, max_new_tokens), jnp.int32),
+    }
+    for name, layer in cache.items():
+        if name.startswith("layers_"):
+            k, v = layer["k"][:, :t], layer["v"][:, :t]
+            shape = (b, beams * max_new_tokens) + k.shape[2:]
+            out[name] = {"k": k, "v": v, "gk": jnp.zeros(shape, k.dtype), "gv": jnp.zeros(shape, v.dtype)}
+    return out
 
 
 def abstract_params(cfg: DecoderLMConfig, lora: Optional[LoRAConfig] = None, param_dtype=jnp.float32) -> dict:
