@@ -383,3 +383,61 @@ def test_preset_rope_frequencies_equal_hf(name):
         np.testing.assert_allclose(cfg.rope.inv_freq(cfg.head_dim), rot.full_attention_inv_freq.numpy(), rtol=1e-6)
         np.testing.assert_allclose(cfg.rope_local.inv_freq(cfg.head_dim), rot.sliding_attention_inv_freq.numpy(),
                                    rtol=1e-6)
+
+
+def test_lora_loss_and_gradients_match_hf_peft(lms):
+    """One training step's worth: answer-only loss and its gradients w.r.t. the LoRA adapters (q, v;
+    rank 4, alpha 8, non-zero B) equal HF + peft's on a padded batch."""
+    peft = pytest.importorskip("peft")
+    from flax import linen as nn
+
+    from speechverse_jax.models.lora import graft_lora
+    from speechverse_jax.models.speechverse import token_cross_entropy
+
+    folder, cfg, params = lms["qwen2"]
+    hf = peft.get_peft_model(_hf(folder), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                          lora_dropout=0.0))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+    lora = LoRAConfig(rank=4, alpha=8.0)
+    model = DecoderLM(cfg, lora=lora)
+    ids, mask, pos = padded_batch(cfg, (9, 6), (False, True), seed=4)
+    init = nn.unbox(jax.eval_shape(lambda r: model.init(r, input_ids=jnp.zeros((1, 2), jnp.int32)),
+                                   jax.random.PRNGKey(0))["params"])
+    full = traverse_util.flatten_dict(graft_lora(params, init), sep="/")
+    hf_params = dict(hf.named_parameters())
+    for i in range(cfg.num_hidden_layers):
+        for p in "qv":
+            base = f"base_model.model.model.layers.{i}.self_attn.{p}_proj"
+            full[f"layers_{i}/self_attention/{p}/lora_a"] = hf_params[f"{base}.lora_A.default.weight"].detach().numpy().T
+            full[f"layers_{i}/self_attention/{p}/lora_b"] = hf_params[f"{base}.lora_B.default.weight"].detach().numpy().T
+    full = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in full.items()}, sep="/")
+    # answer-only loss: the last 3 real tokens of each row are the "answer"
+    labels = np.full_like(ids, -100)
+    for row in range(ids.shape[0]):
+        real = np.flatnonzero(mask[row])
+        labels[row, real[-3:]] = ids[row, real[-3:]]
+    out = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+             position_ids=torch.from_numpy(pos), labels=torch.from_numpy(labels))
+    out.loss.backward()
+
+    targets = np.concatenate([labels[:, 1:], np.full((ids.shape[0], 1), -100)], axis=1)
+
+    def loss_fn(p):
+        logits = model.apply({"params": p}, input_ids=jnp.asarray(ids, jnp.int32), attention_mask=jnp.asarray(mask, bool),
+                             position_ids=jnp.asarray(pos, jnp.int32)).logits
+        return token_cross_entropy(logits, jnp.asarray(np.maximum(targets, 0)), jnp.asarray(targets >= 0))[0]
+
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(full)
+    assert float(loss) == pytest.approx(float(out.loss.detach()), rel=1e-5)
+    g = traverse_util.flatten_dict(grads, sep="/")
+    for i in range(cfg.num_hidden_layers):
+        for p in "qv":
+            base = f"base_model.model.model.layers.{i}.self_attn.{p}_proj"
+            for ours, theirs in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
+                ref = hf_params[f"{base}.{theirs}.default.weight"].grad.numpy().T
+                got = np.asarray(g[f"layers_{i}/self_attention/{p}/{ours}"])
+                assert np.max(np.abs(got - ref)) <= 1e-4 * np.max(np.abs(ref)), (i, p, ours)
