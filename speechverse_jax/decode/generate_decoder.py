@@ -32,15 +32,20 @@ from speechverse_jax.decode.generate import (GenerateConfig, Generated, SpecialT
 from speechverse_jax.models.decoder_lm import DecoderLM, expand_for_beams
 
 
-def special_tokens(model: DecoderLM, eos_token_id: Optional[int] = None,
-                   pad_token_id: Optional[int] = None) -> SpecialTokens:
-    """EOS: `eos_token_id` or the config's first one; pad: `pad_token_id`, the config's, or EOS."""
+def special_tokens(model: DecoderLM, eos_token_id=None, pad_token_id: Optional[int] = None) -> SpecialTokens:
+    """EOS: `eos_token_id` (an id or a list of ids, any of which ends a sequence) or the config's ids;
+    pad: `pad_token_id`, the config's, or the first EOS."""
     c = model.cfg
-    eos = eos_token_id if eos_token_id is not None else (c.eos_token_ids[0] if c.eos_token_ids else None)
-    if eos is None:
+    if eos_token_id is None:
+        eos = tuple(c.eos_token_ids)
+    elif isinstance(eos_token_id, (list, tuple)):
+        eos = tuple(int(e) for e in eos_token_id)
+    else:
+        eos = (int(eos_token_id),)
+    if not eos:
         raise ValueError("generate_lm: the model config has no eos_token_id; pass eos_token_id")
-    pad = pad_token_id if pad_token_id is not None else (c.pad_token_id if c.pad_token_id is not None else eos)
-    return SpecialTokens(start=pad, eos=int(eos), pad=int(pad))
+    pad = pad_token_id if pad_token_id is not None else (c.pad_token_id if c.pad_token_id is not None else eos[0])
+    return SpecialTokens(start=int(pad), eos=eos[0], pad=int(pad), extra_eos=eos[1:])
 
 
 @functools.partial(jax.jit, static_argnames=("model", "cfg", "special"))
@@ -77,13 +82,14 @@ def _generate(model: DecoderLM, params: Any, inputs_embeds: jax.Array, mask: jax
 
 def generate_lm(model: DecoderLM, params: Any, inputs_embeds: jax.Array, attention_mask: jax.Array,
                 cfg: GenerateConfig = GenerateConfig(), constraint: Optional[Constraint] = None,
-                eos_token_id: Optional[int] = None, pad_token_id: Optional[int] = None,
+                eos_token_id=None, pad_token_id: Optional[int] = None,
                 bucket: bool = True, length_multiple: int = 16) -> Generated:
     """Decode after a left-padded prompt `[b, t, hidden]` (mask `[b, t]`, 1 = real).
 
     With `bucket`, the batch is padded to a power of two and the prompt on the left to a
     multiple of `length_multiple` (masked), bounding recompiles; outputs are cut back to b rows.
-    Right-padded prompts are refused (the next token would follow a pad).
+    Right-padded prompts are refused (the next token would follow a pad). `eos_token_id`: an id or
+    a list (any ends a sequence, as HF); default the config's `eos_token_id`(s).
     """
     mask = jnp.asarray(attention_mask).astype(bool)
     b, t = mask.shape
