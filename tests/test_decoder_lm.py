@@ -443,3 +443,18 @@ def test_lora_loss_and_gradients_match_hf_peft(lms):
                 ref = hf_params[f"{base}.{theirs}.default.weight"].grad.numpy().T
                 got = np.asarray(g[f"layers_{i}/self_attention/{p}/{ours}"])
                 assert np.max(np.abs(got - ref)) <= 1e-4 * np.max(np.abs(ref)), (i, p, ours)
+
+
+def test_sharded_on_a_mesh_by_the_logical_rules(tmp_path):
+    """8 forced CPU devices, (data, fsdp, tensor) = (2, 2, 2): params are born sharded, logits and beam
+    search equal the unsharded model's."""
+    import subprocess
+    import sys
+
+    worker = os.path.join(os.path.dirname(__file__), "decoder_lm_sharding_worker.py")
+    res = subprocess.run([sys.executable, worker], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    row = json.loads([line for line in res.stdout.splitlines() if line.startswith("{")][-1])
+    assert row["specs"] == {"q": ["fsdp", "tensor"], "down": ["tensor", "fsdp"]}
+    assert row["logits_max_abs"] < 1e-5 and row["beam_tokens_equal"]
