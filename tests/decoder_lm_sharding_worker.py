@@ -1,6 +1,6 @@
 """Run by tests/test_decoder_lm.py in a subprocess with 8 forced CPU devices: a LoRA'd Gemma 3 born
-sharded on a (data 2, fsdp 2, tensor 2) mesh by the logical-axis rules, its logits and KV-cache
-beam search vs the same model unsharded. Prints one JSON line."""
+sharded on a (data 2, fsdp 2, tensor 2) mesh by the logical-axis rules, its logits vs the same
+model unsharded. Prints one JSON line."""
 
 import json
 import os
@@ -13,8 +13,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from speechverse_jax import hf_tiny  # noqa: E402
-from speechverse_jax.decode.generate import GenerateConfig  # noqa: E402
-from speechverse_jax.decode.generate_decoder import generate_lm  # noqa: E402
 from speechverse_jax.models.decoder_lm import DecoderLM, DecoderLMConfig  # noqa: E402
 from speechverse_jax.models.layers import LoRAConfig  # noqa: E402
 from speechverse_jax.train.partitioning import DEFAULT_RULES, make_mesh  # noqa: E402
@@ -26,23 +24,17 @@ def main():
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     ids = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (4, 12)), jnp.int32)
     mask = jnp.ones((4, 12), bool).at[1, :5].set(False)
-    gen = GenerateConfig(max_new_tokens=6, num_beams=2)
     with mesh, nn.logical_axis_rules(DEFAULT_RULES):
         abstract = jax.eval_shape(lambda r: model.init(r, input_ids=ids), jax.random.PRNGKey(0))
         shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, DEFAULT_RULES)
         params = jax.jit(lambda r: model.init(r, input_ids=ids), out_shardings=shardings)(jax.random.PRNGKey(0))
         params = nn.unbox(params)["params"]
         logits = jax.jit(lambda p, i, m: model.apply({"params": p}, input_ids=i, attention_mask=m).logits)(params, ids, mask)
-        emb = jax.jit(lambda p, i: model.apply({"params": p}, i, method=DecoderLM.embed))(params, ids)
-        beams = generate_lm(model, params, emb, mask, gen, eos_token_id=2, bucket=False)
         specs = {k: list(v.sharding.spec) for k, v in (("q", params["layers_0"]["self_attention"]["q"]["kernel"]),
                                                        ("down", params["layers_0"]["mlp"]["down"]["kernel"]))}
     host = jax.device_get(params)
     ref = model.apply({"params": host}, input_ids=ids, attention_mask=mask).logits
-    ref_beams = generate_lm(model, host, model.apply({"params": host}, ids, method=DecoderLM.embed), mask, gen,
-                            eos_token_id=2, bucket=False)
-    print(json.dumps({"specs": specs, "logits_max_abs": float(jnp.max(jnp.abs(logits - ref))),
-                      "beam_tokens_equal": bool(np.array_equal(np.asarray(beams.tokens), np.asarray(ref_beams.tokens)))}))
+    print(json.dumps({"specs": specs, "logits_max_abs": float(jnp.max(jnp.abs(logits - ref)))}))
 
 
 if __name__ == "__main__":

@@ -204,27 +204,23 @@ def test_export_round_trip_loads_in_transformers(lms, family, tmp_path):
     np.testing.assert_allclose(b[mask.astype(bool)], a[mask.astype(bool)], rtol=0, atol=1e-5)
 
 
-def test_lora_targets_q_and_v_by_default_and_starts_as_identity(lms):
-    _, cfg, params = lms["qwen2"]
-    lora = LoRAConfig(rank=4)
-    model = DecoderLM(cfg, lora=lora)
-    ids = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (2, 6)), jnp.int32)
-    init = jax.jit(model.init)(jax.random.PRNGKey(1), input_ids=ids)["params"]
+def test_lora_targets_q_and_v_by_default_and_any_linear_by_regex(lms):
+    """The default LoRA regex adapts q and v of every layer; a custom one any linear map. (The
+    adapters' numbers are checked against HF + peft in test_lora_loss_and_gradients_match_hf_peft.)"""
     from flax import linen as nn
 
-    flat = traverse_util.flatten_dict(nn.unbox(init), sep="/")
-    adapted = sorted({k.rsplit("/", 1)[0] for k in flat if k.endswith("lora_a")})
-    assert adapted == sorted(f"layers_{i}/self_attention/{p}" for i in range(cfg.num_hidden_layers) for p in "qv")
-    from speechverse_jax.models.lora import graft_lora
+    _, cfg, _ = lms["qwen2"]
+    ids = jnp.zeros((1, 4), jnp.int32)
 
-    grafted = graft_lora(params, nn.unbox(init))
-    base = jax.jit(lambda p: DecoderLM(cfg).apply({"params": p}, input_ids=ids).logits)(params)
-    with_lora = jax.jit(lambda p: model.apply({"params": p}, input_ids=ids).logits)(grafted)
-    np.testing.assert_allclose(np.asarray(with_lora), np.asarray(base), atol=1e-6)
-    mlp = DecoderLM(cfg, lora=LoRAConfig(rank=2, target_regex=r".*/mlp/(gate|up|down)$"))
-    shapes = jax.eval_shape(lambda r: mlp.init(r, input_ids=ids), jax.random.PRNGKey(1))
-    flat = traverse_util.flatten_dict(nn.unbox(shapes)["params"], sep="/")
-    assert {k.rsplit("/", 2)[1] for k in flat if k.endswith("lora_b")} == {"gate", "up", "down"}
+    def adapted(lora):
+        shapes = jax.eval_shape(lambda r: DecoderLM(cfg, lora=lora).init(r, input_ids=ids), jax.random.PRNGKey(1))
+        flat = traverse_util.flatten_dict(nn.unbox(shapes)["params"], sep="/")
+        return sorted(k.rsplit("/", 1)[0] for k in flat if k.endswith("lora_a"))
+
+    assert adapted(LoRAConfig(rank=4)) == sorted(
+        f"layers_{i}/self_attention/{p}" for i in range(cfg.num_hidden_layers) for p in "qv")
+    assert {k.rsplit("/", 1)[1] for k in adapted(LoRAConfig(rank=2, target_regex=r".*/mlp/(gate|up|down)$"))} == {
+        "gate", "up", "down"}
 
 
 def _prompt(cfg, params, lengths, seed=1):
@@ -446,8 +442,8 @@ def test_lora_loss_and_gradients_match_hf_peft(lms):
 
 
 def test_sharded_on_a_mesh_by_the_logical_rules(tmp_path):
-    """8 forced CPU devices, (data, fsdp, tensor) = (2, 2, 2): params are born sharded, logits and beam
-    search equal the unsharded model's."""
+    """8 forced CPU devices, (data, fsdp, tensor) = (2, 2, 2): params are born sharded, and the logits
+    equal the unsharded model's."""
     import subprocess
     import sys
 
@@ -457,4 +453,4 @@ def test_sharded_on_a_mesh_by_the_logical_rules(tmp_path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     row = json.loads([line for line in res.stdout.splitlines() if line.startswith("{")][-1])
     assert row["specs"] == {"q": ["fsdp", "tensor"], "down": ["tensor", "fsdp"]}
-    assert row["logits_max_abs"] < 1e-5 and row["beam_tokens_equal"]
+    assert row["logits_max_abs"] < 1e-5
