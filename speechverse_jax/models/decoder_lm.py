@@ -422,7 +422,6 @@ class Attention(nn.Module):
     """GQA self-attention with RoPE; q `[b, t, H, D]` reads KV head `h // (H / KV)`."""
 
     cfg: DecoderLMConfig
-    sliding: bool = False
     lora: Optional[LoRAConfig] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -527,7 +526,7 @@ class Layer(nn.Module):
         kw = dict(lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype)
         nkw = dict(epsilon=c.rms_norm_eps, gemma=c.is_gemma, dtype=self.dtype, param_dtype=self.param_dtype)
         self.input_norm = RMSNorm(**nkw)
-        self.self_attention = Attention(c, sliding=c.is_sliding(self.index), **kw)
+        self.self_attention = Attention(c, **kw)
         self.post_attention_norm = RMSNorm(**nkw)
         if c.is_gemma:
             self.pre_mlp_norm = RMSNorm(**nkw)
