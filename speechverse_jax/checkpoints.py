@@ -41,8 +41,11 @@ def save_base(
     extra_files: Tuple[str, ...] = (),
     metadata: Optional[dict] = None,
     overwrite: bool = False,
+    llm_key: str = "t5",
 ) -> None:
     """Write the folder all at once: into a temporary sibling that is renamed when complete.
+
+    `llm_key` names the LLM's config section ("t5"; "llm" for a decoder-only `DecoderLMConfig`).
 
     On a remote filesystem (gs://) the folder is written in place and removed if writing fails.
     """
@@ -58,7 +61,7 @@ def save_base(
         ckptr.wait_until_finished()
         for f in extra_files:
             fs.copy(f, os.path.join(work, os.path.basename(f)))
-        config = {"wavlm": wavlm_cfg.to_dict(), "t5": t5_cfg.to_dict(), **(metadata or {})}
+        config = {"wavlm": wavlm_cfg.to_dict(), llm_key: t5_cfg.to_dict(), **(metadata or {})}
         fs.write_text(os.path.join(work, MODEL_CONFIG), json.dumps(config, indent=2, sort_keys=True))
     except BaseException:
         if remote:

@@ -144,15 +144,22 @@ def _help(command: str, spec: Optional[str]) -> int:
 # Sub-commands: config in, library call out.
 
 def _convert(config, flags, positional) -> int:
-    from speechverse_jax.convert.pipeline import convert_checkpoints
-
-    for field in ("wavlm", "t5", "out"):
+    for field in ("wavlm", "out"):
         if not config[field]:
             raise UsageError(f"convert needs --{field} (config field {field})")
-    report = convert_checkpoints(
-        wavlm_dir=config.wavlm, t5_dir=config.t5, out_dir=config.out, dtype=config.dtype,
-        verify=config.verify, report_path=config.report or None, overwrite=config.overwrite,
-        tolerance=config.tolerance,
+    if bool(config.t5) == bool(config.llm):
+        raise UsageError("convert: pass exactly one of --t5 and --llm")
+    if config.llm:
+        from speechverse_jax.convert.pipeline_decoder import convert_decoder_checkpoints as convert_fn
+
+        llm_kw = dict(llm_dir=config.llm)
+    else:
+        from speechverse_jax.convert.pipeline import convert_checkpoints as convert_fn
+
+        llm_kw = dict(t5_dir=config.t5)
+    report = convert_fn(
+        wavlm_dir=config.wavlm, out_dir=config.out, dtype=config.dtype, verify=config.verify,
+        report_path=config.report or None, overwrite=config.overwrite, tolerance=config.tolerance, **llm_kw,
     )
     if config.verify and not report["verify"]["passed"]:
         print(f"verification FAILED (max relative difference above {config.tolerance}); nothing written to "

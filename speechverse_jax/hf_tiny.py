@@ -136,3 +136,106 @@ def train_spiece(texts: Sequence[str], out_dir: str, vocab_size: int = 128) -> s
         minloglevel=2,
     )
     return prefix + ".model"
+
+
+# ---- decoder-only LMs ------------------------------------------------------------------------
+
+_TINY_LM = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,  # GQA: 2 query heads per KV head
+    head_dim=16,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+TINY_DECODER_LMS = {
+    # llama3 RoPE scaling with a small original context so the scaled, smoothed and kept bands
+    # all occur for head_dim 16.
+    "llama": dict(_TINY_LM, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                  rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                                       high_freq_factor=4.0, original_max_position_embeddings=64)),
+    "qwen2": dict(_TINY_LM, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                  rope_parameters=dict(rope_type="default", rope_theta=1000000.0)),
+    # sliding_window 4 so the sliding layers see a window shorter than the test prompts.
+    "gemma2": dict(_TINY_LM, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=24,
+                   sliding_window=4, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+                   rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+    "gemma3": dict(_TINY_LM, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
+                   query_pre_attn_scalar=24, sliding_window=4, final_logit_softcapping=None,
+                   attn_logit_softcapping=None, sliding_window_pattern=2,
+                   rope_parameters={"full_attention": dict(rope_type="linear", factor=4.0, rope_theta=1000000.0),
+                                    "sliding_attention": dict(rope_type="default", rope_theta=10000.0)}),
+}
+
+
+def save_decoder_lm(out_dir: str, family: str, seed: int = 0, max_shard_size: Optional[str] = None,
+                    safe_serialization: bool = True, **overrides) -> str:
+    """A random HF causal LM of `family` ('llama', 'qwen2', 'gemma2', 'gemma3') with the tiny config
+    above (GQA, the family's RoPE, windows and caps) and perturbed norms and biases."""
+    torch = _torch()
+    import transformers
+
+    if family not in TINY_DECODER_LMS:
+        raise ValueError(f"family must be one of {sorted(TINY_DECODER_LMS)}, got {family!r}")
+    kw = dict(TINY_DECODER_LMS[family])
+    kw.update(overrides)
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+        "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
+    }[family]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**kw)).eval()
+    _randomize_lm(model, family, kw["hidden_size"], torch)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    if not safe_serialization:
+        # transformers 5 writes safetensors only: write a pytorch_model.bin by hand
+        os.makedirs(out_dir, exist_ok=True)
+        model.config.save_pretrained(out_dir)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        torch.save(state, os.path.join(out_dir, "pytorch_model.bin"))
+        return out_dir
+    model.save_pretrained(out_dir, **kwargs)
+    return out_dir
+
+
+def _randomize_lm(model, family: str, hidden: int, torch) -> None:
+    """Perturb norms and biases; larger weights than the 0.02 init so attention patterns are far
+    from uniform. Gemma's embedding is multiplied by sqrt(hidden) in the forward, so it gets that
+    much less (else the residual stream is the input token and the model just repeats it)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "vision_tower" in name or "multi_modal_projector" in name:
+                continue
+            if "norm" in name or name.endswith(".bias"):
+                p.add_(0.1 * torch.randn_like(p))
+            elif p.dim() == 2:
+                scale = 0.15 / hidden ** 0.5 if (family.startswith("gemma") and "embed" in name) else 0.15
+                p.copy_(torch.randn_like(p) * scale)
+
+
+def save_gemma3_multimodal(out_dir: str, seed: int = 0) -> str:
+    """A random `Gemma3ForConditionalGeneration` (tiny SigLIP tower + the tiny Gemma 3 text model),
+    the layout of the Gemma-3-4B+ checkpoints."""
+    torch = _torch()
+    import transformers
+
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14)
+    text = transformers.Gemma3TextConfig(**TINY_DECODER_LMS["gemma3"])
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                    image_token_index=93, boi_token_index=94, eoi_token_index=95)
+    torch.manual_seed(seed)
+    model = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    _randomize_lm(model, "gemma3", text.hidden_size, torch)
+    model.save_pretrained(out_dir)
+    return out_dir

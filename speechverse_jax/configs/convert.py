@@ -1,4 +1,4 @@
-"""`speechverse-jax convert`: HF WavLM + T5 folders -> one converted base checkpoint folder.
+"""`speechverse-jax convert`: HF WavLM + T5 (or decoder-only LLM) folders -> one converted base checkpoint folder.
 
     speechverse-jax convert --wavlm hf/wavlm-large --t5 hf/flan-t5-xl --out checkpoints/base --verify
 
@@ -13,6 +13,7 @@ def get_config(arg=None):
     return ml_collections.ConfigDict(dict(
         wavlm="",  # HF WavLM folder (config.json + safetensors or .bin)
         t5="",  # HF T5 folder (config.json + weights [+ tokenizer])
+        llm="",  # instead of t5: an HF Llama 3.x / Qwen2 / Gemma 2 / Gemma 3 causal-LM folder
         out="",  # output folder (local or gs://)
         dtype="float32",  # storage dtype of the frozen weights: float32 | bfloat16
         verify=False,  # compare against the HF PyTorch models (needs torch)

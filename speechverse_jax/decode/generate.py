@@ -76,6 +76,13 @@ class SpecialTokens:
     start: int
     eos: int
     pad: int
+    extra_eos: Tuple[int, ...] = ()  # more ids that end a sequence (Llama 3 Instruct lists several)
+
+    def is_eos(self, tokens: jax.Array) -> jax.Array:
+        out = tokens == self.eos
+        for e in self.extra_eos:
+            out = out | (tokens == e)
+        return out
 
 
 def _banned(vocab: int, t: jax.Array, states: Optional[jax.Array], constraint: Optional[Constraint],
@@ -84,7 +91,7 @@ def _banned(vocab: int, t: jax.Array, states: Optional[jax.Array], constraint: O
     states `[n, V]` or None)."""
     ban, nxt = None, None
     if cfg.min_new_tokens:
-        ban = ((jnp.arange(vocab) == special.eos) & (t < cfg.min_new_tokens))[None]
+        ban = (special.is_eos(jnp.arange(vocab)) & (t < cfg.min_new_tokens))[None]
     if constraint is not None:
         nxt = next_states(constraint, states, vocab)
         ban = (nxt < 0) if ban is None else (ban | (nxt < 0))
@@ -153,7 +160,7 @@ def greedy_search(step: StepFn, cache: Dict[str, Any], cfg: GenerateConfig, spec
             t=s["t"] + 1,
             tokens=s["tokens"].at[:, s["t"]].set(tok),
             last=tok,
-            done=s["done"] | (tok == special.eos),
+            done=s["done"] | special.is_eos(tok),
             lengths=s["lengths"] + live,
             scores=s["scores"] + jnp.where(live, tok_logp, 0.0),
             states=jnp.where(live, states, s["states"]),
@@ -212,7 +219,7 @@ def beam_search(step: StepFn, cache: Dict[str, Any], cfg: GenerateConfig, specia
         top_seqs = _gather(s["seqs"], src).at[:, :, t].set(tok)
         top_states = (jnp.zeros_like(top_idx) if nxt is None
                       else jnp.take_along_axis(nxt.reshape(b, k * vocab), top_idx, axis=1))
-        ended = (tok == special.eos) | (t + 1 >= steps)
+        ended = special.is_eos(tok) | (t + 1 >= steps)
 
         # Running beams for the next step: the k best continuations that did not end.
         run_scores, run_idx = jax.lax.top_k(jnp.where(ended, top_scores + NEG, top_scores), k)
