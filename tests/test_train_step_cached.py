@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from speechverse_jax import tree
 from speechverse_jax.models.config import model_config
 from speechverse_jax.train.config import RULES_STAGE2, train_config
 from speechverse_jax.data.synthetic import random_batch
@@ -35,7 +36,7 @@ def parts(tiny_base):
     tx, schedule = opt_lib.make_optimizer(config.optim)
     step = jax.jit(make_train_step(setup.model, tx, schedule, num_tasks=2))
     state = init_state(setup.trainable, tx, seed=0)
-    params = opt_lib.merge(setup.trainable, setup.frozen)
+    params = tree.merge(setup.trainable, setup.frozen)
     encode = jax.jit(lambda a, m: setup.model.apply({"params": params}, a, m, method=SpeechVerse.encode_audio))
     return setup, step, state, encode
 
