@@ -39,7 +39,13 @@ def load_tokenizer(folder: str):
 
 
 class SpeechVerseModel:
-    """A SpeechVerse model with its params and tokenizer; methods take and return numpy."""
+    """A SpeechVerse model with its params and tokenizer; methods take and return numpy.
+
+    `max_audio_seconds`: longer clips are refused (ValueError), never truncated; a trained run's
+    limit is its `data.max_audio_seconds`, a base checkpoint's 30 s.
+    """
+
+    max_audio_seconds: float = 30.0
 
     def __init__(self, cfg: SpeechVerseConfig, params: dict, tokenizer=None):
         self.cfg = cfg
@@ -97,15 +103,21 @@ class SpeechVerseModel:
         missing = set(traverse_util.flatten_dict(nn_abstract(cfg), sep="/")) - set(traverse_util.flatten_dict(params, sep="/"))
         if missing:
             raise ValueError(f"{run_dir}: the checkpoint lacks params the model needs: {sorted(missing)[:10]}")
-        return cls(cfg, params, load_tokenizer(base_dir))
+        model = cls(cfg, params, load_tokenizer(base_dir))
+        if config.get("data", {}).get("max_audio_seconds"):
+            model.max_audio_seconds = float(config.data.max_audio_seconds)
+        return model
 
     # -- batching -------------------------------------------------------------------------------
-    @staticmethod
-    def _audio_batch(audio: Sequence[Audio]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _audio_batch(self, audio: Sequence[Audio]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         clips = [load_audio(a) if isinstance(a, str) else np.asarray(a, np.float32) for a in audio]
         for i, c in enumerate(clips):
             if c.ndim != 1 or c.size == 0:
                 raise ValueError(f"audio[{i}]: expected a non-empty 1-D array at {SAMPLE_RATE} Hz, got shape {c.shape}")
+            if c.size > self.max_audio_seconds * SAMPLE_RATE + 1:
+                name = audio[i] if isinstance(audio[i], str) else f"audio[{i}]"
+                raise ValueError(f"{name}: {c.size / SAMPLE_RATE:.2f}s is longer than the model's limit of "
+                                 f"{self.max_audio_seconds:g}s (split it into shorter clips)")
         lengths = np.array([c.size for c in clips])
         batch = np.zeros((len(clips), lengths.max()), np.float32)
         mask = np.zeros_like(batch, dtype=bool)

@@ -133,31 +133,40 @@ def _load_model(checkpoint: str):
 
 def _infer(args: argparse.Namespace) -> int:
     from speechverse_jax.decode.constraints import load_labels
+    from speechverse_jax.infer import answer_files
 
     model = _load_model(args.checkpoint)
     labels = load_labels(args.labels) if args.labels else None
-    answers = model.generate(args.audio, [args.instruction] * len(args.audio), num_beams=args.beams,
-                             max_new_tokens=args.max_new_tokens, labels=labels, task=args.task)
-    for audio, answer in zip(args.audio, answers):
+    results = answer_files(model, args.audio, args.instruction, num_beams=args.beams,
+                           max_new_tokens=args.max_new_tokens, labels=labels, task=args.task)
+    for r in results:
+        if "error" in r:
+            print(f"error: {r['error']}", file=sys.stderr)
         if args.json:
-            print(json.dumps({"audio": audio, "instruction": args.instruction, "answer": answer}))
-        else:
-            print(f"{audio}\t{answer}")
-    return 0
+            print(json.dumps({"audio": r["audio"], "instruction": args.instruction, **{k: v for k, v in r.items()
+                                                                                      if k != "audio"}}))
+        elif "error" not in r:
+            print(f"{r['audio']}\t{r['answer']}")
+    return 1 if any("error" in r for r in results) else 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from speechverse_jax.eval.evaluate import EvalSetting, evaluate, write_reports
+    import os
+
+    from speechverse_jax.eval.evaluate import EvalSetting, EvalSkips, evaluate, write_reports
 
     model = _load_model(args.checkpoint)
     splits = ("seen", "unseen") if args.split == "both" else (args.split,)
     settings = [EvalSetting(s, constrained=c, joint=args.joint, num_beams=args.beams, max_new_tokens=args.max_new_tokens)
                 for s in splits for c in ((False, True) if args.constrained == "both" else (args.constrained == "yes",))]
+    skips = EvalSkips(strict=args.strict)
     predictions, table = evaluate(model, args.manifest, settings, tasks=args.tasks.split(",") if args.tasks else None,
-                                  batch_size=args.batch_size)
-    paths = write_reports(args.out, predictions, table)
+                                  batch_size=args.batch_size, out_dir=args.out, skips=skips,
+                                  fingerprint_extra={"checkpoint": os.path.abspath(args.checkpoint)})
+    paths = write_reports(args.out, predictions, table, skips=skips)
     print(open(paths["markdown"]).read())
-    print(f"predictions: {paths['predictions']}\nmetrics: {paths['json']}, {paths['markdown']}")
+    print(f"predictions: {paths['predictions']}\nmetrics: {paths['json']}, {paths['markdown']}\n"
+          f"skipped rows: {skips.report()['total']} ({paths['skipped']})")
     return 0
 
 
@@ -212,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beams", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--strict", action="store_true", help="stop at the first bad row (exit 2) instead of skipping it")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("demo", help="the end-to-end demo on CPU: corpus, backbones, curriculum, evaluation")
@@ -224,8 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from speechverse_jax.errors import run_cli
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    return run_cli(args.func, args)  # user errors: one line on stderr, exit 2; bugs keep their traceback
 
 
 if __name__ == "__main__":
