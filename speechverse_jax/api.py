@@ -19,6 +19,7 @@ import numpy as np
 from flax import traverse_util
 
 from speechverse_jax import checkpoints
+from speechverse_jax.errors import CheckpointMismatchError
 from speechverse_jax.data.audio import SAMPLE_RATE, load_audio
 from speechverse_jax.models.layers import LoRAConfig
 from speechverse_jax.models.speechverse import SpeechVerse, SpeechVerseConfig, init_params_subset, token_cross_entropy
@@ -100,9 +101,18 @@ class SpeechVerseModel:
         trained = previous_stage_params(run_dir, prefer=which)
         base = checkpoints.load_base_params(base_dir)
         params = _merge(base, traverse_util.unflatten_dict(trained, sep="/"))
-        missing = set(traverse_util.flatten_dict(nn_abstract(cfg), sep="/")) - set(traverse_util.flatten_dict(params, sep="/"))
+        want = traverse_util.flatten_dict(nn_abstract(cfg), sep="/")
+        have = traverse_util.flatten_dict(params, sep="/")
+        missing = set(want) - set(have)
         if missing:
-            raise ValueError(f"{run_dir}: the checkpoint lacks params the model needs: {sorted(missing)[:10]}")
+            raise CheckpointMismatchError(f"{run_dir}: the checkpoint lacks params the model needs: {sorted(missing)[:10]}")
+        wrong = [f"{k} {tuple(np.shape(have[k]))} (model: {tuple(want[k].shape)})" for k in sorted(want)
+                 if tuple(np.shape(have[k])) != tuple(want[k].shape)]
+        unused = sorted(set(have) - set(want))
+        if wrong or unused:
+            raise CheckpointMismatchError(
+                f"{run_dir}: the checkpoint is of another architecture than its config.json describes: "
+                + "; ".join(wrong[:3] + [f"not in the model: {unused[:3]}"] * bool(unused)))
         model = cls(cfg, params, load_tokenizer(base_dir))
         if config.get("data", {}).get("max_audio_seconds"):
             model.max_audio_seconds = float(config.data.max_audio_seconds)

@@ -48,12 +48,21 @@ def _config_from_flags(argv: List[str]):
     flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0 (multi-process runs)", flag_values=values)
     flags.DEFINE_integer("num_processes", None, "processes in the run", flag_values=values)
     flags.DEFINE_integer("process_id", None, "this process's index", flag_values=values)
-    values(argv)
-    if values.config is None or (not values.workdir and not compile_only):
+    try:  # a missing config file or an unknown --config.x key: one line, not a traceback
+        values(argv)
+        config = values.config
+        if config is not None:
+            config.keys()  # a config file that failed to load raises here, not at first use
+    except (AttributeError, KeyError, OSError, TypeError, flags.Error) as e:
+        from speechverse_jax.errors import UserError, one_line
+
+        what = "unknown config field" if isinstance(e, (AttributeError, KeyError)) else "bad --config or flag"
+        raise UserError(f"{what}: {one_line(e)}") from e
+    if config is None or (not values.workdir and not compile_only):
         raise SystemExit(USAGE_TRAIN)
     options = {"compile_only": compile_only, "coordinator": values.coordinator,
                "num_processes": values.num_processes, "process_id": values.process_id}
-    return values.config, values.workdir, options
+    return config, values.workdir, options
 
 
 def _start(config, workdir, options) -> bool:
