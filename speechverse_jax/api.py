@@ -11,6 +11,7 @@ Audio is a path (any format soundfile/librosa reads; resampled to 16 kHz) or a 1
 from __future__ import annotations
 
 import functools
+import threading
 from typing import List, Optional, Sequence, Tuple, Union
 
 import jax
@@ -29,14 +30,22 @@ from speechverse_jax.models.wavlm import feature_lengths
 Audio = Union[str, np.ndarray]
 
 
-def load_tokenizer(folder: str):
-    """The T5 tokenizer carried into a converted folder (spiece.model / tokenizer.json)."""
-    import transformers
+_TOKENIZER_LOCK = threading.Lock()
 
-    try:
-        return transformers.AutoTokenizer.from_pretrained(folder)
-    except Exception:
-        return transformers.T5Tokenizer.from_pretrained(folder, legacy=False)
+
+def load_tokenizer(folder: str):
+    """The T5 tokenizer carried into a converted folder (spiece.model / tokenizer.json).
+
+    Serialised: data-loader threads load it lazily, and two threads in transformers' lazy
+    `__getattr__` at once can see a half-imported module (found by tests/test_faults.py).
+    """
+    with _TOKENIZER_LOCK:
+        import transformers
+
+        try:
+            return transformers.AutoTokenizer.from_pretrained(folder)
+        except Exception:
+            return transformers.T5Tokenizer.from_pretrained(folder, legacy=False)
 
 
 class SpeechVerseModel:
