@@ -170,3 +170,133 @@ def test_kill_9_anywhere_then_resume_equals_an_uninterrupted_run(tiny_base, mani
         assert ids[stage] == straight_ids[stage]  # the same batches, in the same order
         seen = [i for batch in ids[stage] for i in batch]
         assert sorted(seen) == sorted(f"u{i}" for i in range(12))  # each example once: none twice, none skipped
+
+
+# -- damaged checkpoints and a full disk (in-process, synthetic data) ------------------------------
+def _tiny(base, steps, **train):
+    from test_train import tiny_config
+
+    return tiny_config(base, steps=steps, checkpoint_every=1, keep_checkpoints=3, **train)
+
+
+def _tiny_data():
+    from test_train import tiny_data
+
+    return tiny_data()
+
+
+def _params(state):
+    import jax
+
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(state)}
+
+
+@pytest.fixture(scope="module")
+def straight4(tiny_base, tmp_path_factory):
+    from speechverse_jax.train.loop import train
+
+    out = train(_tiny(tiny_base, 4), str(tmp_path_factory.mktemp("straight") / "run"), _tiny_data(), progress=False)
+    return _params(out["state"])
+
+
+def test_damaged_checkpoints_fall_back_to_the_last_complete_one(tiny_base, straight4, tmp_path, capsys):
+    """Step 3 has a truncated file, step 2 a deleted one: both are set aside with a warning naming the
+    file, training resumes from step 1 and ends where an uninterrupted run ends."""
+    from speechverse_jax.train.loop import train
+
+    workdir = str(tmp_path / "run")
+    train(_tiny(tiny_base, 3), workdir, _tiny_data(), progress=False)
+    victims = {}
+    for step, damage in ((3, "truncate"), (2, "delete")):
+        files = glob.glob(os.path.join(workdir, "checkpoints", str(step), "state", "**", "d", "*"), recursive=True)
+        victims[step] = max(files, key=os.path.getsize)
+        if damage == "truncate":
+            with open(victims[step], "r+b") as f:
+                f.truncate(os.path.getsize(victims[step]) // 2)
+        else:
+            os.remove(victims[step])
+    capsys.readouterr()
+    out = train(_tiny(tiny_base, 4), workdir, _tiny_data(), progress=False)
+    text = capsys.readouterr().out
+    folder = os.path.join(workdir, "checkpoints")
+    assert f"checkpoint step 3 in {folder} is unusable ({victims[3]} has " in text
+    assert f"checkpoint step 2 in {folder} is unusable ({victims[2]} is missing)" in text
+    assert f"resumed from {workdir} at step 1" in text
+    for step in (2, 3):  # kept for inspection, never loaded
+        assert os.path.isdir(os.path.join(folder, f"corrupt-{step}"))
+    got = _params(out["state"])
+    for k in straight4:  # steps 2-4 re-run from step 1: the same result as never stopping
+        np.testing.assert_array_equal(got[k], straight4[k], err_msg=k)
+
+
+def _mount_tmpfs(path, size):
+    os.makedirs(path, exist_ok=True)
+    try:
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path], capture_output=True,
+                             timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return res.returncode == 0
+
+
+def _fill(folder, leave):
+    """Write a filler file until the disk is full, then free `leave` bytes."""
+    path = os.path.join(folder, "filler")
+    with open(path, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+    with open(path, "r+b") as f:
+        f.truncate(max(os.path.getsize(path) - leave, 0))
+    return path
+
+
+def test_disk_full_during_a_save_fails_clearly_and_keeps_the_previous_checkpoint(tiny_base, straight4, tmp_path):
+    """On a real 8 MB tmpfs when this user may mount one (root); else ENOSPC is injected into the
+    checkpoint writer (the same error orbax's writer raises)."""
+    from speechverse_jax.errors import UserError
+    from speechverse_jax.train.loop import train
+
+    mnt = str(tmp_path / "small_disk")
+    real = _mount_tmpfs(mnt, "8m")
+    try:
+        workdir = os.path.join(mnt, "run")
+        train(_tiny(tiny_base, 2), workdir, _tiny_data(), progress=False)
+        step2 = os.path.join(workdir, "checkpoints", "2")
+        before = {p: open(p, "rb").read() for p in glob.glob(os.path.join(step2, "**", "*"), recursive=True)
+                  if os.path.isfile(p)}
+        if real:
+            filler = _fill(mnt, leave=8192)  # room for a metrics line, not for a checkpoint
+            ctx = None
+        else:
+            from unittest import mock
+
+            def full(*a, **k):
+                raise OSError(errno.ENOSPC, "No space left on device", os.path.join(workdir, "checkpoints"))
+
+            ctx = mock.patch.object(ocp.CheckpointManager, "save", full)
+            ctx.start()
+        try:
+            with pytest.raises(UserError) as info:
+                train(_tiny(tiny_base, 4), workdir, _tiny_data(), progress=False)
+        finally:
+            if ctx:
+                ctx.stop()
+        msg = str(info.value)
+        print(f"disk full ({'8 MB tmpfs' if real else 'injected ENOSPC'}): {msg}")
+        assert "no space left on device while saving checkpoint step" in msg and "the previous checkpoint (step 2) is intact" in msg, msg
+        after = {p: open(p, "rb").read() for p in before}
+        assert after == before  # step 2 untouched
+        assert ckpt_lib.usable_steps(os.path.join(workdir, "checkpoints"))[0] == 2
+        if real:
+            os.remove(filler)
+        out = train(_tiny(tiny_base, 4), workdir, _tiny_data(), progress=False)  # space again: resume and finish
+        got = _params(out["state"])
+        for k in straight4:
+            np.testing.assert_array_equal(got[k], straight4[k], err_msg=k)
+    finally:
+        if real:
+            subprocess.run(["umount", "-l", mnt], capture_output=True, timeout=20)

@@ -242,7 +242,9 @@ class Checkpointer:
                 self.best.save(step, args=self._args(state, data_state, meta), force=True)
                 self._saving["best"] = step
 
-        self._guard(go, f"saving checkpoint step {step}")
+        pending = self._saving["latest"]  # saves are async: the previous one may be what failed
+        self._guard(go, f"saving checkpoint step {step}" if pending is None else
+                    f"saving checkpoint step {pending} or {step}")
 
     def wait(self) -> None:
         def go():
