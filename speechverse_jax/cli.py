@@ -110,7 +110,9 @@ def _prepare(args: argparse.Namespace) -> int:
     options = {}
     for item in args.option or []:
         if "=" not in item:
-            raise SystemExit(f"--option takes KEY=VALUE, got {item!r}")
+            from speechverse_jax.errors import UserError
+
+            raise UserError(f"--option takes KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         options[key] = value
     summary = run_prepare(args.dataset, args.src, args.out, **options)

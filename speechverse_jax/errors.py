@@ -69,6 +69,8 @@ def one_line(exc: BaseException, limit: int = 600) -> str:
     """The exception as one line: newlines folded into '; ', long messages shortened."""
     if is_disk_full(exc) and not isinstance(exc, UserError):
         text = f"no space left on device ({exc})"
+    elif isinstance(exc, OSError) and exc.filename and exc.strerror and not isinstance(exc, UserError):
+        text = f"{exc.filename}: {exc.strerror}"  # '/runs/x: Not a directory', not '[Errno 20] ...'
     else:
         text = str(exc) or type(exc).__name__
         if isinstance(exc, KeyError) and exc.args:  # KeyError quotes its message

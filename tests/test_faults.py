@@ -13,7 +13,6 @@ import glob
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +23,6 @@ import orbax.checkpoint as ocp
 import pytest
 import soundfile as sf
 
-from speechverse_jax.cli import main
 from speechverse_jax.data.manifest import write_manifest
 from speechverse_jax.train import checkpoint as ckpt_lib
 

@@ -31,7 +31,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import zlib
 from typing import Any, Dict, List, Optional, Tuple
 
