@@ -32,6 +32,10 @@ class ManifestChangedError(UserError):
     """The training manifests changed between a run's checkpoint and its resume."""
 
 
+class MissingToolError(UserError, RuntimeError):
+    """An external program (espeak-ng, ...) is not installed; the message says how to install it."""
+
+
 class OutputMismatchError(UserError):
     """An output folder holds results of other inputs (e.g. eval --out of another checkpoint)."""
 

@@ -25,6 +25,7 @@ import dataclasses
 import io
 import itertools
 import json
+import logging
 import os
 import re
 import shutil
@@ -38,6 +39,8 @@ from speechverse_jax.data import tasks
 from speechverse_jax.data.audio import SAMPLE_RATE
 from speechverse_jax.data.manifest import write_manifest
 from speechverse_jax.data.prepare.common import content_words, rng_for, words
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "dev", "test")
 DEMO_TASKS = ("asr", "ic", "sf", "kws", "kwe", "ac", "sc", "sns", "open")
@@ -417,7 +420,9 @@ def kws_pick(text: str, vocabulary: Sequence[str], positive: bool, rng: np.rando
 def check_espeak() -> str:
     path = shutil.which("espeak-ng")
     if not path:
-        raise RuntimeError("espeak-ng is not installed; the demo corpus needs it: "
+        from speechverse_jax.errors import MissingToolError
+
+        raise MissingToolError("espeak-ng is not installed; the demo corpus needs it: "
                            "`apt-get install espeak-ng sox` (`make demo` installs them)")
     return path
 
@@ -501,13 +506,22 @@ def render(spec: Mapping[str, Any]) -> np.ndarray:
     return np.clip(x, -1, 1).astype(np.float32)
 
 
-def _render_to(job: Tuple[str, Mapping[str, Any]]) -> float:
+def _render_to(job: Tuple[str, Mapping[str, Any]]) -> Tuple[Optional[float], Optional[Tuple[str, str]]]:
+    """Render and write one clip -> (seconds, None), or (None, (reason, message)) when the clip
+    cannot be made (espeak-ng failed, no samples, NaN/inf): that row is skipped and counted."""
     import soundfile as sf
 
     path, spec = job
-    audio = render(spec)
+    try:
+        audio = render(spec)
+    except Exception as e:  # noqa: BLE001 - one failed clip must not stop the corpus
+        return None, ("render_failed", f"{path}: {type(e).__name__}: {e}")
+    if audio.size == 0:
+        return None, ("empty_audio", f"{path}: no samples")
+    if not np.all(np.isfinite(audio)):
+        return None, ("nonfinite_audio", f"{path}: contains NaN or inf samples")
     sf.write(path, audio, SAMPLE_RATE, subtype="PCM_16")
-    return audio.size / SAMPLE_RATE
+    return audio.size / SAMPLE_RATE, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -574,15 +588,22 @@ def make_corpus(out_dir: str, profile: str = "full", seed: int = 0, workers: int
     for split in SPLITS:
         os.makedirs(os.path.join(out_dir, "audio", split), exist_ok=True)
     jobs = [(os.path.join(out_dir, row["audio"]), spec) for split in SPLITS for row, spec in plan[split]]
-    durations = _run_jobs(jobs, workers, progress)
+    results = _run_jobs(jobs, workers, progress)
     rows: Dict[str, List[Dict[str, Any]]] = {}
+    skipped, skip_examples = collections.Counter(), []
     k = 0
     for split in SPLITS:
         rows[split] = []
         for row, _ in plan[split]:
-            row = dict(row)
-            row["duration"] = round(durations[k], 4)
+            seconds, problem = results[k]
             k += 1
+            if problem is not None:  # counted by reason, named by clip id; the row is left out
+                skipped[problem[0]] += 1
+                skip_examples.append(f"{row['id']}: {problem[0]}: {problem[1]}")
+                log.warning("demo corpus: skipping %s", skip_examples[-1])
+                continue
+            row = dict(row)
+            row["duration"] = round(seconds, 4)
             rows[split].append(_ordered(row))
     check_held_out(rows)
     for split in SPLITS:
@@ -591,6 +612,8 @@ def make_corpus(out_dir: str, profile: str = "full", seed: int = 0, workers: int
             task_rows = [{**r, "audio": "../" + r["audio"]} for r in rows[split] if r["task"] == task]
             write_manifest(os.path.join(out_dir, "by_task", f"{split}.{task}.jsonl"), task_rows)
     summary = summarize(rows, profile, seed, time.time() - t0)
+    summary["skipped"] = dict(sorted(skipped.items()))
+    summary["skip_examples"] = skip_examples[:20]
     _write_json(os.path.join(out_dir, "corpus.json"), summary)
     summary["baselines"] = baselines(out_dir)
     summary["generation_seconds"] = round(time.time() - t0, 2)
@@ -598,7 +621,7 @@ def make_corpus(out_dir: str, profile: str = "full", seed: int = 0, workers: int
     return summary
 
 
-def _run_jobs(jobs: List[Tuple[str, Mapping[str, Any]]], workers: int, progress: bool) -> List[float]:
+def _run_jobs(jobs: List[Tuple[str, Mapping[str, Any]]], workers: int, progress: bool) -> List[tuple]:
     from tqdm import tqdm
 
     bar = tqdm(total=len(jobs), desc="espeak-ng clips", unit="clip", disable=not progress)
