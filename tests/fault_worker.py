@@ -6,8 +6,9 @@ Probes (nothing changes what the command computes):
 - FAULT_DIR/ids.jsonl: one line per training batch drawn: {stage, batch (global index), ids}.
 - FAULT_DIR/events.log: `step <stage> <batch>`, `save <stage> <step>`, `finalizing <stage> <step>`,
   `stage_done <stage>` as they happen (flushed), so the test can kill -9 at a chosen point.
-- SVJ_FAULT_FINALIZE_DELAY (seconds): orbax's background finalisation of a save waits this long
-  first, so a kill during the window lands in the middle of an async checkpoint save.
+- SVJ_FAULT_FINALIZE_DELAY (seconds): orbax's background commit of a save (the rename of the
+  written temporary folder) waits this long first, so a kill during the window lands in the middle
+  of an async checkpoint save.
 """
 
 import json
@@ -21,7 +22,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 def main():
     fault_dir, argv = sys.argv[1], sys.argv[2:]
     os.makedirs(fault_dir, exist_ok=True)
-    import orbax.checkpoint as ocp
+    from orbax.checkpoint._src.path import atomicity
 
     from speechverse_jax import cli
     from speechverse_jax.data import pipeline
@@ -67,15 +68,15 @@ def main():
 
     ckpt_lib.Checkpointer.save = save
     delay = float(os.environ.get("SVJ_FAULT_FINALIZE_DELAY", "0"))
-    original_finalize = ocp.CheckpointManager._finalize
+    original_commit = atomicity.on_commit_callback
 
-    def finalize(self, step, *a, **k):
+    async def commit(tmpdir, *a, **k):  # all files written, the temporary folder not yet renamed
         if delay:
-            event(f"finalizing {state['stage']} {step}")
+            event(f"finalizing {state['stage']} {os.path.basename(str(tmpdir.get_final()))}")
             time.sleep(delay)
-        return original_finalize(self, step, *a, **k)
+        return await original_commit(tmpdir, *a, **k)
 
-    ocp.CheckpointManager._finalize = finalize
+    atomicity.on_commit_callback = commit
     sys.exit(cli.main(argv))
 
 

@@ -10,8 +10,8 @@ Two orbax managers live under the run folder: `checkpoints/` keeps the last N (a
 
 Reliability (tests/test_faults.py):
 - Atomic: orbax writes a step into a temporary folder and renames it when complete; a step killed
-  half-written is never listed. Once complete, each step is *sealed*: `svj_integrity.json` records
-  the size and CRC-32 of every file in it.
+  half-written is never listed. Once complete, each step is *sealed* (when the next save starts,
+  or when the run closes): `svj_integrity.json` records the size and CRC-32 of every file in it.
 - Restore takes the newest step that passes its seal (and restores cleanly); a step with a missing,
   truncated or altered file is moved aside to `<manager>/corrupt-<step>` with a warning naming the
   file, and the previous complete step is used. A step without a seal (killed between the rename
@@ -192,16 +192,14 @@ class Checkpointer:
         self.dirs = {"latest": os.path.join(self.workdir, "checkpoints"), "best": os.path.join(self.workdir, "best")}
         make = lambda which, n: ocp.CheckpointManager(  # noqa: E731
             self.dirs[which],
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=n, create=True, enable_async_checkpointing=async_save,
-                async_options=ocp.AsyncOptions(post_finalization_callback=lambda: self._seal(which))),
+            options=ocp.CheckpointManagerOptions(max_to_keep=n, create=True, enable_async_checkpointing=async_save),
         )
         self.latest = make("latest", keep)
         self.best = make("best", 1)
         self._saving: Dict[str, Optional[int]] = {"latest": None, "best": None}
 
     def _seal(self, which: str) -> None:
-        """Seal every complete, unsealed step (after orbax finalises a save; again on save / close)."""
+        """Seal every complete, unsealed step (when the next save starts, and on wait / close)."""
         if jax.process_index() != 0:
             return
         for step, d in _step_dirs(self.dirs[which]).items():
@@ -235,6 +233,8 @@ class Checkpointer:
         meta.setdefault("manifests_sha256", manifest_hashes(meta.get("config")))
 
         def go():
+            self._seal("latest")  # the previous async save has been committed by now (or is still running:
+            self._seal("best")    # its folder is still temporary and is sealed next time)
             self.latest.save(step, args=self._args(state, data_state, meta), force=True)
             self._saving["latest"] = step
             if best:
