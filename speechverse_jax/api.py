@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from speechverse_jax import checkpoints, tree
+from speechverse_jax.errors import CheckpointMismatchError
 from speechverse_jax.data.audio import SAMPLE_RATE, load_audio
 from speechverse_jax.data.batching import pad_rows
 from speechverse_jax.data.tokenizer import TextEncoder, load_tokenizer
@@ -30,7 +31,13 @@ Audio = Union[str, np.ndarray]
 
 
 class SpeechVerseModel:
-    """A SpeechVerse model with its params and tokenizer; methods take and return numpy."""
+    """A SpeechVerse model with its params and tokenizer; methods take and return numpy.
+
+    `max_audio_seconds`: longer clips are refused (ValueError), never truncated; a trained run's
+    limit is its `data.max_audio_seconds`, a base checkpoint's 30 s.
+    """
+
+    max_audio_seconds: float = 30.0
 
     def __init__(self, cfg: SpeechVerseConfig, params: dict, tokenizer=None):
         self.cfg = cfg
@@ -82,19 +89,34 @@ class SpeechVerseModel:
         trained = load_trainable_params(run_dir, prefer=which)
         base = checkpoints.load_base_params(base_dir)
         params = tree.merge(base, tree.unflatten(trained))
-        missing = set(tree.flatten(abstract_params(cfg))) - set(tree.flatten(params))
+        want = tree.flatten(abstract_params(cfg))
+        have = tree.flatten(params)
+        missing = set(want) - set(have)
         if missing:
-            raise ValueError(f"{run_dir}: the checkpoint lacks params the model needs: {sorted(missing)[:10]}")
-        return cls(cfg, params, load_tokenizer(base_dir))
+            raise CheckpointMismatchError(f"{run_dir}: the checkpoint lacks params the model needs: {sorted(missing)[:10]}")
+        wrong = [f"{k} {tuple(np.shape(have[k]))} (model: {tuple(want[k].shape)})" for k in sorted(want)
+                 if tuple(np.shape(have[k])) != tuple(want[k].shape)]
+        unused = sorted(set(have) - set(want))
+        if wrong or unused:
+            raise CheckpointMismatchError(
+                f"{run_dir}: the checkpoint is of another architecture than its config.json describes: "
+                + "; ".join(wrong[:3] + [f"not in the model: {unused[:3]}"] * bool(unused)))
+        model = cls(cfg, params, load_tokenizer(base_dir))
+        model.max_audio_seconds = float(config.data.max_audio_seconds)
+        return model
 
     # -- batching -------------------------------------------------------------------------------
-    @staticmethod
-    def _audio_batch(audio: Sequence[Audio], multiple: int = 1) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """-> (audio `[b, samples]`, mask, lengths `[b]`); samples rounded up to `multiple`."""
+    def _audio_batch(self, audio: Sequence[Audio], multiple: int = 1) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """-> (audio `[b, samples]`, mask, lengths `[b]`); samples rounded up to `multiple`. Clips over
+        `max_audio_seconds` are refused, never truncated."""
         clips = [load_audio(a) if isinstance(a, str) else np.asarray(a, np.float32) for a in audio]
         for i, c in enumerate(clips):
             if c.ndim != 1 or c.size == 0:
                 raise ValueError(f"audio[{i}]: expected a non-empty 1-D array at {SAMPLE_RATE} Hz, got shape {c.shape}")
+            if c.size > self.max_audio_seconds * SAMPLE_RATE + 1:
+                name = audio[i] if isinstance(audio[i], str) else f"audio[{i}]"
+                raise ValueError(f"{name}: {c.size / SAMPLE_RATE:.2f}s is longer than the model's limit of "
+                                 f"{self.max_audio_seconds:g}s (split it into shorter clips)")
         batch, mask = pad_rows(clips, multiple, np.float32)
         return batch, mask, np.array([c.size for c in clips])
 

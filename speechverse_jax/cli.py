@@ -14,6 +14,8 @@ import os
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from speechverse_jax.errors import UserError, run_cli
+
 USAGE = """usage: speechverse-jax COMMAND [--config NAME[:arg] | --config FILE.py[:arg]] [--config.a.b=value ...] [flags]
 
 commands (default config in brackets; `speechverse-jax COMMAND --help` lists its fields):
@@ -41,7 +43,7 @@ COMMAND_FLAGS = {
 LIST_FIELDS = {"infer": ("audio",), "eval": ("manifest",)}  # several values after one flag
 
 
-class UsageError(ValueError):
+class UsageError(UserError):
     """A command line that cannot run: reported as one line, exit status 2."""
 
 
@@ -123,7 +125,7 @@ def load_config(spec: str, overrides: Sequence[str], arg: Optional[str] = None):
     try:
         values(argv)
         return values.config
-    except (absl_flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
+    except (absl_flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UsageError(f"config {spec}: {message}") from None
 
@@ -146,7 +148,7 @@ def _help(command: str, spec: Optional[str]) -> int:
 def _convert(config, flags, positional) -> int:
     for field in ("wavlm", "out"):
         if not config[field]:
-            raise UsageError(f"convert needs --{field} (config field {field})")
+            raise UsageError(f"convert: --{field} is required (config field {field})")
     if bool(config.t5) == bool(config.llm):
         raise UsageError("convert: pass exactly one of --t5 and --llm")
     if config.llm:
@@ -262,25 +264,31 @@ def _list(value: str) -> List[str]:
 
 
 def _infer(config, flags, positional) -> int:
+    """Each file answered on its own line; a bad file gets one `error:` line and exit status 1."""
     from speechverse_jax.decode.constraints import load_labels
+    from speechverse_jax.infer import answer_files
 
     audio = _list(config.audio)
     if not audio or not config.instruction:
         raise UsageError("infer needs --audio FILE [FILE ...] and --instruction TEXT")
     model = _load_model(config.checkpoint)
     labels = load_labels(config.labels) if config.labels else None
-    answers = model.generate(audio, [config.instruction] * len(audio), num_beams=int(config.beams),
-                             max_new_tokens=int(config.max_new_tokens), labels=labels, task=config.task or None)
-    for path, answer in zip(audio, answers):
+    results = answer_files(model, audio, config.instruction, num_beams=int(config.beams),
+                           max_new_tokens=int(config.max_new_tokens), labels=labels, task=config.task or None)
+    for r in results:
+        if "error" in r:
+            print(f"error: {r['error']}", file=sys.stderr)
         if config.json:
-            print(json.dumps({"audio": path, "instruction": config.instruction, "answer": answer}))
-        else:
-            print(f"{path}\t{answer}")
-    return 0
+            print(json.dumps({"audio": r["audio"], "instruction": config.instruction,
+                              **{k: v for k, v in r.items() if k != "audio"}}))
+        elif "error" not in r:
+            print(f"{r['audio']}\t{r['answer']}")
+    return 1 if any("error" in r for r in results) else 0
 
 
 def _eval(config, flags, positional) -> int:
-    from speechverse_jax.eval.evaluate import EvalSetting, evaluate, write_reports
+    """Skips and counts bad rows (or stops at the first with `strict`); resumes a killed run in `out`."""
+    from speechverse_jax.eval.evaluate import EvalSetting, EvalSkips, evaluate, write_reports
 
     manifests = _list(config.manifest)
     if not manifests:
@@ -293,11 +301,14 @@ def _eval(config, flags, positional) -> int:
     modes = (False, True) if config.constrained == "both" else (config.constrained == "yes",)
     settings = [EvalSetting(s, constrained=c, joint=config.joint, num_beams=int(config.beams),
                             max_new_tokens=int(config.max_new_tokens)) for s in splits for c in modes]
+    skips = EvalSkips(strict=bool(config.strict))
     predictions, table = evaluate(model, manifests, settings, tasks=_list(config.tasks) or None,
-                                  batch_size=int(config.batch_size))
-    paths = write_reports(config.out, predictions, table)
+                                  batch_size=int(config.batch_size), out_dir=config.out, skips=skips,
+                                  fingerprint_extra={"checkpoint": os.path.abspath(config.checkpoint)})
+    paths = write_reports(config.out, predictions, table, skips=skips)
     print(open(paths["markdown"]).read())
-    print(f"predictions: {paths['predictions']}\nmetrics: {paths['json']}, {paths['markdown']}")
+    print(f"predictions: {paths['predictions']}\nmetrics: {paths['json']}, {paths['markdown']}\n"
+          f"skipped rows: {skips.report()['total']} ({paths['skipped']})")
     return 0
 
 
@@ -342,12 +353,11 @@ def parse(argv: Sequence[str]):
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    try:
+    def run() -> int:
         command, config, flags, positional = parse(argv)
         return COMMANDS[command](config, flags, positional)
-    except UsageError as e:
-        print(f"speechverse-jax: {e}", file=sys.stderr)
-        return 2
+
+    return run_cli(run)  # user errors: one line on stderr, exit 2; bugs keep their traceback
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from speechverse_jax.decode.generate_decoder import generate_lm  # noqa: E402
 from speechverse_jax.models import presets  # noqa: E402
 from speechverse_jax.models.decoder_lm import DecoderLM, DecoderLMConfig, RopeConfig, abstract_params  # noqa: E402
 from speechverse_jax.models.layers import LoRAConfig  # noqa: E402
-from speechverse_jax.models.lora import count_params  # noqa: E402
+from speechverse_jax import tree  # noqa: E402
 
 FAMILIES = ("llama", "qwen2", "gemma2", "gemma3")
 
@@ -337,7 +337,7 @@ def test_preset_parameter_counts_equal_published_sizes():
               "gemma2": transformers.Gemma2Config, "gemma3_text": transformers.Gemma3TextConfig}
     assert set(presets.DECODER_LM) == set(PUBLISHED_COUNTS)
     for name, d in presets.DECODER_LM.items():
-        ours = count_params(abstract_params(DecoderLMConfig.from_hf(d)))
+        ours = tree.count(abstract_params(DecoderLMConfig.from_hf(d)))
         assert ours == PUBLISHED_COUNTS[name], name
         assert _rounded(ours) == presets.DECODER_LM_PUBLISHED_SIZES[name], name
         with torch.device("meta"):
@@ -406,7 +406,7 @@ def test_lora_loss_and_gradients_match_hf_peft(lms):
     ids, mask, pos = padded_batch(cfg, (9, 6), (False, True), seed=4)
     init = nn.unbox(jax.eval_shape(lambda r: model.init(r, input_ids=jnp.zeros((1, 2), jnp.int32)),
                                    jax.random.PRNGKey(0))["params"])
-    full = traverse_util.flatten_dict(graft_lora(params, init), sep="/")
+    full, _ = graft_lora(tree.flatten(params), tree.flatten(init))
     hf_params = dict(hf.named_parameters())
     for i in range(cfg.num_hidden_layers):
         for p in "qv":

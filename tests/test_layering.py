@@ -11,12 +11,12 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 # Layer of each top-level part of the package; an import may only go to the same layer or below.
 LAYERS = {
-    "(package)": 0, "fs": 0, "tree": 0, "rules": 0,
+    "(package)": 0, "fs": 0, "tree": 0, "rules": 0, "errors": 0,
     "models": 1,
     "checkpoints": 2, "convert": 2,
     "data": 3,
     "train": 4, "decode": 4, "eval": 4,
-    "api": 5,
+    "api": 5, "infer": 5,
     "configs": 6, "cli": 6, "demo": 6, "hf_tiny": 6,
 }
 

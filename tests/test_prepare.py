@@ -39,7 +39,7 @@ def test_registry_of_recipes():
     assert set(RECIPES) == {"librispeech", "commonvoice", "voxpopuli", "slurp", "covost2", "msppodcast", "fisher"}
     with pytest.raises(ValueError, match="unknown dataset"):
         run_prepare("timit", "/x", "/y")
-    with pytest.raises(TypeError, match="unknown options"):
+    with pytest.raises(ValueError, match="unknown options"):
         run_prepare("librispeech", "/x", "/y", colour="blue")
 
 

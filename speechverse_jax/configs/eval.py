@@ -22,4 +22,5 @@ def get_config(arg=None):
         beams=1,
         max_new_tokens=64,
         batch_size=16,
+        strict=False,  # stop at the first bad row (exit 2) instead of skipping and counting it
     ))

@@ -9,22 +9,34 @@ accepts in place of audio.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Sequence
+import json
+import logging
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
 
-from speechverse_jax.data.audio import load_audio
+from speechverse_jax.data.audio import AudioError, load_audio
+from speechverse_jax.data.errors import DataError, DataStats
 from speechverse_jax.data.manifest import read_manifests
 from speechverse_jax.models.speechverse import SpeechVerse, SpeechVerseConfig
 from speechverse_jax.models.wavlm import feature_lengths
 
+log = logging.getLogger(__name__)
+
 
 class EncoderCache:
-    """Example id -> float16 hidden states `[L+1, frames, dim]` of the frozen encoder."""
+    """Example id -> float16 hidden states `[L+1, frames, dim]` of the frozen encoder.
 
-    def __init__(self, states: Dict[str, np.ndarray]):
+    `skipped`: id -> (reason, 'manifest:line: message') of the clips that could not be encoded
+    (unreadable, empty, NaN/inf, longer than the largest bucket); `stats` counts them by reason.
+    """
+
+    def __init__(self, states: Dict[str, np.ndarray], skipped: Optional[Dict[str, Tuple[str, str]]] = None,
+                 stats: Optional[DataStats] = None):
         self.states = states
+        self.skipped = dict(skipped or {})
+        self.stats = stats if stats is not None else DataStats()
 
     def __len__(self) -> int:
         return len(self.states)
@@ -36,37 +48,59 @@ class EncoderCache:
         return int(sum(s.nbytes for s in self.states.values()))
 
     def save(self, path: str) -> None:
-        np.savez(path, **{k.replace("/", "|"): v for k, v in self.states.items()})
+        extra = {_SKIPPED: np.frombuffer(json.dumps({"skipped": self.skipped, "counts": dict(self.stats.counts)})
+                                         .encode(), np.uint8)}
+        np.savez(path, **{k.replace("/", "|"): v for k, v in self.states.items()}, **extra)
 
     @classmethod
     def load(cls, path: str) -> "EncoderCache":
         with np.load(path) as f:
-            return cls({k.replace("|", "/"): f[k] for k in f.files})
+            states = {k.replace("|", "/"): f[k] for k in f.files if k != _SKIPPED}
+            info = json.loads(f[_SKIPPED].tobytes().decode()) if _SKIPPED in f.files else {}
+        skipped = {k: tuple(v) for k, v in info.get("skipped", {}).items()}
+        return cls(states, skipped, DataStats.from_counts(info.get("counts", {})))
+
+
+_SKIPPED = "__svj_skipped__"
 
 
 def build_cache(cfg: SpeechVerseConfig, wavlm_params: Any, manifests: Sequence[str], batch_size: int = 8,
                 bucket_seconds: Sequence[float] = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0), sample_rate: int = 16000,
-                progress: bool = True) -> EncoderCache:
+                progress: bool = True, strict: bool = False) -> EncoderCache:
     """Run the frozen encoder once over every example of `manifests` (clips grouped by length
-    bucket, so it compiles once per bucket)."""
+    bucket, so it compiles once per bucket). Bad lines and clips (unreadable, empty, NaN/inf,
+    longer than the largest bucket) are skipped and counted (`cache.stats`, `cache.skipped`);
+    `strict` raises `DataError` (manifest:line) at the first instead."""
     from tqdm import tqdm
 
-    examples = read_manifests(list(manifests), require_target=False)
+    stats = DataStats(strict=strict)
+    examples = read_manifests(list(manifests), stats, require_target=False)
     model = SpeechVerse(cfg)
     encode = jax.jit(lambda p, a, m: model.apply({"params": {"wavlm": p}}, a, m, method=SpeechVerse.encode_audio))
     buckets = [int(s * sample_rate) for s in bucket_seconds]
-    clips = {}
+    clips, skipped, seen = {}, {}, set()
     for ex in tqdm(examples, desc="load audio", disable=not progress, dynamic_ncols=True):
-        if ex.id in clips:
+        if ex.id in seen:
             raise ValueError(f"{ex.where}: example id {ex.id!r} appears twice; cached states need unique ids")
-        clips[ex.id] = load_audio(ex.audio, sample_rate, offset=ex.offset if ex.segment else 0.0,
-                                  duration=ex.duration if ex.segment else None)
+        seen.add(ex.id)
+        try:
+            audio = load_audio(ex.audio, sample_rate, offset=ex.offset if ex.segment else 0.0,
+                               duration=ex.duration if ex.segment else None)
+            if audio.size > buckets[-1]:
+                raise AudioError(f"{ex.audio}: {audio.size / sample_rate:.1f}s is longer than the largest bucket "
+                                 f"({bucket_seconds[-1]}s)", "audio_too_long")
+        except AudioError as e:
+            if strict and e.reason == "audio_too_long":  # a filter for DataStats; still an error when strict
+                raise DataError(e.reason, ex.where, str(e)) from None
+            stats.record(e.reason, ex.where, str(e))  # raises DataError when strict
+            skipped[ex.id] = (e.reason, f"{ex.where}: {e}")
+            continue
+        clips[ex.id] = audio
+    if stats.counts:
+        log.warning(stats.summary("encoder cache: clips skipped"))
     by_bucket: Dict[int, List[str]] = {}
     for key, audio in clips.items():
-        fit = next((b for b in buckets if b >= audio.size), None)
-        if fit is None:
-            raise ValueError(f"example {key}: {audio.size / sample_rate:.1f}s is longer than the largest bucket")
-        by_bucket.setdefault(fit, []).append(key)
+        by_bucket.setdefault(next(b for b in buckets if b >= audio.size), []).append(key)
     states = {}
     bar = tqdm(total=len(clips), desc="encode (frozen WavLM)", disable=not progress, dynamic_ncols=True)
     for n, keys in sorted(by_bucket.items()):
@@ -83,7 +117,7 @@ def build_cache(cfg: SpeechVerseConfig, wavlm_params: Any, manifests: Sequence[s
                 states[key] = hidden[r, :, : frames[r]].copy()
             bar.update(len(chunk))
     bar.close()
-    return EncoderCache(states)
+    return EncoderCache(states, skipped, stats)
 
 
 class _CachedIterator:

@@ -23,6 +23,7 @@ import collections
 import dataclasses
 import itertools
 import json
+import logging
 import os
 import re
 import shutil
@@ -35,6 +36,8 @@ from speechverse_jax.data import tasks
 from speechverse_jax.data.manifest import write_manifest
 from speechverse_jax.data.prepare.common import content_words, rng_for, words
 from speechverse_jax.demo import speak
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "dev", "test")
 DEMO_TASKS = ("asr", "ic", "sf", "kws", "kwe", "ac", "sc", "sns", "open")
@@ -472,15 +475,22 @@ def make_corpus(out_dir: str, sizes: Mapping[str, Mapping[str, int]], seed: int 
     for split in SPLITS:
         os.makedirs(os.path.join(out_dir, "audio", split), exist_ok=True)
     jobs = [(os.path.join(out_dir, row["audio"]), spec) for split in SPLITS for row, spec in plan[split]]
-    durations = speak.render_all(jobs, workers, progress)
+    results = speak.render_all(jobs, workers, progress)
     rows: Dict[str, List[Dict[str, Any]]] = {}
+    skipped, skip_examples = collections.Counter(), []
     k = 0
     for split in SPLITS:
         rows[split] = []
         for row, _ in plan[split]:
-            row = dict(row)
-            row["duration"] = round(durations[k], 4)
+            seconds, problem = results[k]
             k += 1
+            if problem is not None:  # counted by reason, named by clip id; the row is left out
+                skipped[problem[0]] += 1
+                skip_examples.append(f"{row['id']}: {problem[0]}: {problem[1]}")
+                log.warning("demo corpus: skipping %s", skip_examples[-1])
+                continue
+            row = dict(row)
+            row["duration"] = round(seconds, 4)
             rows[split].append(_ordered(row))
     check_held_out(rows)
     for split in SPLITS:

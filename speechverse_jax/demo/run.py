@@ -210,20 +210,21 @@ def evaluate_demo(run_dir: str, corpus_dir: str, cache, out_dir: str, profile: s
     decoding, and joint decoding for IC."""
     from speechverse_jax.api import SpeechVerseModel
     from speechverse_jax.demo.corpus import baselines
-    from speechverse_jax.eval.evaluate import EvalSetting, evaluate, write_reports
+    from speechverse_jax.eval.evaluate import EvalSetting, EvalSkips, evaluate, write_reports
 
     model = SpeechVerseModel.from_run(run_dir)
     test = [os.path.join(corpus_dir, "test.jsonl")]
     settings = [EvalSetting("seen"), EvalSetting("seen", constrained=True)]
     if profile == "full":
         settings += [EvalSetting("unseen"), EvalSetting("unseen", constrained=True)]
-    predictions, table = evaluate(model, test, settings, cache=cache, progress=progress)
+    skips = EvalSkips()  # clips the cache could not encode, bad manifest lines: skipped and counted
+    predictions, table = evaluate(model, test, settings, cache=cache, progress=progress, skips=skips)
     joint_preds, joint_table = evaluate(model, test, [EvalSetting("seen", joint=True)], tasks=["ic"], cache=cache,
-                                        progress=progress)
+                                        progress=progress, skips=skips)
     for task, rows in joint_table.items():
         table[task].update(rows)
     base = baselines(corpus_dir)
-    paths = write_reports(out_dir, predictions + joint_preds, table, base)
+    paths = write_reports(out_dir, predictions + joint_preds, table, base, skips=skips)
     return {"table": table, "baselines": base, "paths": paths, "model": model}
 
 

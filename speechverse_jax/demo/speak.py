@@ -10,7 +10,7 @@ import concurrent.futures
 import io
 import shutil
 import subprocess
-from typing import Any, List, Mapping, Tuple
+from typing import Any, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -20,8 +20,10 @@ from speechverse_jax.data.audio import SAMPLE_RATE
 def check_espeak() -> str:
     path = shutil.which("espeak-ng")
     if not path:
-        raise RuntimeError("espeak-ng is not installed; the demo corpus needs it: "
-                           "`apt-get install espeak-ng sox` (`make demo` installs them)")
+        from speechverse_jax.errors import MissingToolError
+
+        raise MissingToolError("espeak-ng is not installed; the demo corpus needs it: "
+                               "`apt-get install espeak-ng sox` (`make demo` installs them)")
     return path
 
 
@@ -104,17 +106,26 @@ def render(spec: Mapping[str, Any]) -> np.ndarray:
     return np.clip(x, -1, 1).astype(np.float32)
 
 
-def render_to(job: Tuple[str, Mapping[str, Any]]) -> float:
+def render_to(job: Tuple[str, Mapping[str, Any]]) -> Tuple[Optional[float], Optional[Tuple[str, str]]]:
+    """Render and write one clip -> (seconds, None), or (None, (reason, message)) when the clip
+    cannot be made (espeak-ng failed, no samples, NaN/inf): that row is skipped and counted."""
     import soundfile as sf
 
     path, spec = job
-    audio = render(spec)
+    try:
+        audio = render(spec)
+    except Exception as e:  # noqa: BLE001 - one failed clip must not stop the corpus
+        return None, ("render_failed", f"{path}: {type(e).__name__}: {e}")
+    if audio.size == 0:
+        return None, ("empty_audio", f"{path}: no samples")
+    if not np.all(np.isfinite(audio)):
+        return None, ("nonfinite_audio", f"{path}: contains NaN or inf samples")
     sf.write(path, audio, SAMPLE_RATE, subtype="PCM_16")
-    return audio.size / SAMPLE_RATE
+    return audio.size / SAMPLE_RATE, None
 
 
-def render_all(jobs: List[Tuple[str, Mapping[str, Any]]], workers: int, progress: bool) -> List[float]:
-    """Render (path, spec) jobs to 16-bit WAVs on `workers` threads; -> seconds per clip."""
+def render_all(jobs: List[Tuple[str, Mapping[str, Any]]], workers: int, progress: bool) -> List[tuple]:
+    """Render (path, spec) jobs to 16-bit WAVs on `workers` threads; -> `render_to`'s result per clip."""
     from tqdm import tqdm
 
     bar = tqdm(total=len(jobs), desc="espeak-ng clips", unit="clip", disable=not progress)

@@ -8,6 +8,11 @@ type of the option's default, and list options also take 'a,b' strings.
 Each recipe writes `<out_dir>/<split>.jsonl` (absolute audio paths, durations from the file
 headers) and returns {'dataset', 'src_dir', 'out_dir', 'manifests': {split: path},
 'rows': {split: {task: n}}, 'skipped': {reason: n}, 'skip_examples': [...]} (+ recipe extras).
+
+Clips whose header cannot be read (missing, unreadable, empty) are skipped and counted by every
+recipe. `check_audio=true` (any recipe) also decodes every written clip and drops the rows whose
+audio is unreadable, empty or NaN/inf, counted by reason with `manifest:line` (slow on big corpora:
+it reads all the audio once).
 """
 
 from __future__ import annotations
@@ -42,13 +47,47 @@ def run_prepare(dataset: str, src_dir: str, out_dir: str, **options) -> Dict[str
     """Run the recipe `dataset` (a key of RECIPES) with `options` (its keyword arguments)."""
     key = recipe_name(dataset)
     recipe = RECIPES[key]
+    check = _coerce(options.pop("check_audio", False), False)
     accepted = inspect.signature(recipe).parameters
     unknown = [k for k in options if k not in accepted]
     if unknown:
-        raise TypeError(f"{key}: unknown options {unknown}; accepted: "
-                        f"{[k for k in accepted if k not in ('src_dir', 'out_dir')]}")
+        raise ValueError(f"{key}: unknown options {unknown}; accepted: "
+                         f"{[k for k in accepted if k not in ('src_dir', 'out_dir')] + ['check_audio']}")
     options = {k: _coerce(v, accepted[k].default) for k, v in options.items()}
-    return recipe(src_dir, out_dir, **options)
+    summary = recipe(src_dir, out_dir, **options)
+    return check_written_audio(summary) if check else summary
+
+
+def check_written_audio(summary: Dict[str, Any]) -> Dict[str, Any]:
+    """Decode every clip of the written manifests; drop (and count by reason, with manifest:line)
+    the rows whose audio cannot be used. Updates the manifests and the summary in place."""
+    import collections
+    import json
+
+    from speechverse_jax.data.audio import AudioError, load_audio
+    from speechverse_jax.data.errors import DataStats, where
+    from speechverse_jax.data.manifest import iter_lines, write_manifest
+
+    stats = DataStats()
+    for split, path in sorted(summary.get("manifests", {}).items()):
+        kept = []
+        for line, text in iter_lines(path):
+            row = json.loads(text)
+            try:
+                load_audio(row["audio"], offset=float(row.get("offset") or 0.0),
+                           duration=row.get("duration") if row.get("offset") is not None else None)
+            except AudioError as e:
+                stats.record(e.reason, where(path, line), str(e))
+                continue
+            kept.append(row)
+        write_manifest(path, kept)
+        summary.setdefault("rows", {})[split] = dict(sorted(collections.Counter(r["task"] for r in kept).items()))
+    skipped = collections.Counter(summary.get("skipped") or {})
+    skipped.update(stats.counts)
+    summary["skipped"] = dict(sorted(skipped.items()))
+    summary["skip_examples"] = list(summary.get("skip_examples") or []) + [f"{w}: {r}: {m}" for r, w, m in stats.first]
+    summary["audio_checked"] = True
+    return summary
 
 
 def _coerce(value: Any, default: Any) -> Any:
