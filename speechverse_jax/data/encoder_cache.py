@@ -37,6 +37,7 @@ class EncoderCache:
         self.states = states
         self.skipped = dict(skipped or {})
         self.stats = stats if stats is not None else DataStats()
+        self.fingerprint = ""  # what the states were computed from (`source_fingerprint`); "" = unknown
 
     def __len__(self) -> int:
         return len(self.states)
@@ -47,20 +48,51 @@ class EncoderCache:
     def nbytes(self) -> int:
         return int(sum(s.nbytes for s in self.states.values()))
 
-    def save(self, path: str) -> None:
-        extra = {_SKIPPED: np.frombuffer(json.dumps({"skipped": self.skipped, "counts": dict(self.stats.counts)})
-                                         .encode(), np.uint8)}
-        np.savez(path, **{k.replace("/", "|"): v for k, v in self.states.items()}, **extra)
+    def save(self, path: str, fingerprint: str = "") -> None:
+        """One .npz: arrays under positional keys, the example ids (any characters), the skipped
+        clips and `fingerprint` (what the states were computed from: `source_fingerprint`) as JSON."""
+        ids = list(self.states)
+        info = {"ids": ids, "skipped": self.skipped, "counts": dict(self.stats.counts), "fingerprint": fingerprint}
+        np.savez(path, **{f"s{i}": self.states[k] for i, k in enumerate(ids)},
+                 **{_INFO: np.frombuffer(json.dumps(info).encode(), np.uint8)})
 
     @classmethod
     def load(cls, path: str) -> "EncoderCache":
         with np.load(path) as f:
-            states = {k.replace("|", "/"): f[k] for k in f.files if k != _SKIPPED}
-            info = json.loads(f[_SKIPPED].tobytes().decode()) if _SKIPPED in f.files else {}
+            if _INFO in f.files:
+                info = json.loads(f[_INFO].tobytes().decode())
+                states = {k: f[f"s{i}"] for i, k in enumerate(info["ids"])}
+            else:  # written before the ids were stored: keys were ids with '/' spelled '|'
+                info = json.loads(f[_SKIPPED].tobytes().decode()) if _SKIPPED in f.files else {}
+                states = {k.replace("|", "/"): f[k] for k in f.files if k != _SKIPPED}
         skipped = {k: tuple(v) for k, v in info.get("skipped", {}).items()}
-        return cls(states, skipped, DataStats.from_counts(info.get("counts", {})))
+        cache = cls(states, skipped, DataStats.from_counts(info.get("counts", {})))
+        cache.fingerprint = info.get("fingerprint", "")
+        return cache
 
 
+def source_fingerprint(base_dir: str, manifests: Sequence[str]) -> str:
+    """SHA-256 over what cached states depend on: the manifests' bytes and the base checkpoint's
+    files (names, sizes, and the bytes of its small JSON files). A cache whose fingerprint differs
+    was computed from other audio or another encoder."""
+    import hashlib
+    import os
+
+    h = hashlib.sha256()
+    for path in manifests:
+        with open(path, "rb") as f:
+            h.update(path.encode() + b"\0" + hashlib.sha256(f.read()).digest())
+    for folder, _, files in sorted(os.walk(base_dir)):
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            h.update(os.path.relpath(path, base_dir).encode() + str(os.path.getsize(path)).encode())
+            if name.endswith(".json"):
+                with open(path, "rb") as f:
+                    h.update(f.read())
+    return h.hexdigest()
+
+
+_INFO = "__svj_cache__"
 _SKIPPED = "__svj_skipped__"
 
 

@@ -168,17 +168,21 @@ def text_check(t5_cfg, params, tokenizer, corpus_dir: str, split: str = "dev",
 def encoder_cache(config, base_dir: str, corpus_dir: str, out_path: str, progress: bool = True):
     """The frozen encoder's states for every clip of every split (computed once, then loaded)."""
     from speechverse_jax import checkpoints
-    from speechverse_jax.data.encoder_cache import EncoderCache, build_cache
+    from speechverse_jax.data.encoder_cache import EncoderCache, build_cache, source_fingerprint
 
+    manifests = [os.path.join(corpus_dir, f"{s}.jsonl") for s in ("train", "dev", "test")]
+    fingerprint = source_fingerprint(base_dir, manifests)
     if os.path.exists(out_path):
-        return EncoderCache.load(out_path)
+        cache = EncoderCache.load(out_path)
+        if cache.fingerprint == fingerprint:
+            return cache
+        _say(f"{out_path} was computed from another corpus or encoder: computing it again")
     wavlm_cfg, t5_cfg, _ = checkpoints.load_model_config(base_dir)
     model_cfg = model_cfg_lib.build_model_config(config.stage1.model, wavlm_cfg, t5_cfg)
     params = checkpoints.load_base_params(base_dir)["wavlm"]
-    manifests = [os.path.join(corpus_dir, f"{s}.jsonl") for s in ("train", "dev", "test")]
     cache = build_cache(model_cfg, params, manifests, batch_size=16,
                         bucket_seconds=tuple(config.stage1.data.audio_buckets_seconds), progress=progress)
-    cache.save(out_path)
+    cache.save(out_path, fingerprint)
     return cache
 
 
