@@ -118,6 +118,10 @@ def load_config(spec: str, overrides: Sequence[str], arg: Optional[str] = None):
         raise UsageError(str(e)) from None
     if arg is not None:
         resolved = resolved.split(":", 1)[0] + ":" + arg
+    try:  # the config module's own errors (a bad arg, say) come out as they are, not wrapped by absl
+        configs.load(resolved)
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise UsageError(f"config {spec}: {_message(e)}") from None
     values = absl_flags.FlagValues()
     argv = ["speechverse-jax", f"--config={resolved}", *overrides]
     config_flags.DEFINE_config_file("config", None, "config module (get_config)", flag_values=values,
@@ -125,9 +129,15 @@ def load_config(spec: str, overrides: Sequence[str], arg: Optional[str] = None):
     try:
         values(argv)
         return values.config
-    except (absl_flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f"config {spec}: {message}") from None
+    except (KeyError, AttributeError) as e:
+        raise UsageError(f"config {spec}: unknown config field {_message(e)}") from None
+    except (absl_flags.Error, TypeError, ValueError, OSError) as e:
+        raise UsageError(f"config {spec}: {_message(e)}") from None
+
+
+def _message(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return "; ".join(lines[:3]) if lines else type(e).__name__
 
 
 def _help(command: str, spec: Optional[str]) -> int:

@@ -16,7 +16,7 @@ import soundfile as sf
 from speechverse_jax import checkpoints
 from speechverse_jax.configs import common as config_common
 from speechverse_jax.api import SpeechVerseModel
-from speechverse_jax.data.audio import AudioError
+from speechverse_jax.data.errors import DataError
 from speechverse_jax.data.encoder_cache import CachedFeatureData, EncoderCache, build_cache
 from speechverse_jax.models.config import model_config
 from speechverse_jax.models.speechverse import SpeechVerse
@@ -173,7 +173,7 @@ def test_reuse_only_while_the_audio_and_the_encoder_are_the_same(tmp_path, monke
     assert built == [1, 1]
 
 
-def test_unusable_lines_are_skipped_and_bad_clips_raise(model, tmp_path):
+def test_unusable_lines_and_bad_clips_are_skipped_and_counted(model, tmp_path):
     wavlm = model.params["wavlm"]
     skipped_rows = ['{"audio": "a.wav", "task": "asr"',  # malformed JSON
                     {"audio": "gone.wav", "task": "asr", "target": "x", "id": "gone"},  # missing file
@@ -190,18 +190,25 @@ def test_unusable_lines_are_skipped_and_bad_clips_raise(model, tmp_path):
     with pytest.raises(ValueError, match=r"train\.jsonl.*2.*'spk1/a' appears twice"):
         build_cache(model.cfg, wavlm, [manifest], bucket_seconds=BUCKETS, progress=False)
 
+    # clips that cannot be encoded are skipped and counted (named by manifest line), or raise when strict
     long = tmp_path / "long"
     long.mkdir()
-    manifest = _write_corpus(long, {"spk9/long": np.zeros(int(1.2 * SR), np.float32)})
-    with pytest.raises(ValueError, match=r"example spk9/long: 1\.2s is longer than the largest bucket"):
-        build_cache(model.cfg, wavlm, [manifest], bucket_seconds=BUCKETS, progress=False)
+    manifest = _write_corpus(long, {"spk9/long": np.zeros(int(1.2 * SR), np.float32), **one})
+    cache = build_cache(model.cfg, wavlm, [manifest], bucket_seconds=BUCKETS, progress=False)
+    assert set(cache.states) == {"spk1/a"}
+    reason, where = cache.skipped["spk9/long"]
+    assert reason == "audio_too_long" and "train.jsonl:1" in where and "longer than the largest bucket" in where
+    with pytest.raises(DataError, match=r"train\.jsonl:1"):
+        build_cache(model.cfg, wavlm, [manifest], bucket_seconds=BUCKETS, progress=False, strict=True)
 
     nan = tmp_path / "nan"
     nan.mkdir()
     sf.write(str(nan / "nan.wav"), np.full(4000, np.nan, np.float32), SR, subtype="FLOAT")
     (nan / "m.jsonl").write_text(json.dumps({"audio": "nan.wav", "task": "asr", "target": "x", "id": "n"}) + "\n")
-    with pytest.raises(AudioError, match=r"nan\.wav: contains NaN"):
-        build_cache(model.cfg, wavlm, [str(nan / "m.jsonl")], bucket_seconds=BUCKETS, progress=False)
+    cache = build_cache(model.cfg, wavlm, [str(nan / "m.jsonl")], bucket_seconds=BUCKETS, progress=False)
+    assert not cache.states and cache.skipped["n"][0] == "nonfinite_audio" and "nan.wav" in cache.skipped["n"][1]
+    with pytest.raises(DataError, match=r"m\.jsonl:1.*contains NaN"):
+        build_cache(model.cfg, wavlm, [str(nan / "m.jsonl")], bucket_seconds=BUCKETS, progress=False, strict=True)
 
 
 def test_cached_feature_data_swaps_loader_audio_for_cached_states(model, corpus, cache, tiny_base):

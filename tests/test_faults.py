@@ -253,13 +253,13 @@ def _fill(folder, leave):
 
 
 def test_disk_full_during_a_save_fails_clearly_and_keeps_the_previous_checkpoint(tiny_base, straight4, tmp_path):
-    """On a real 8 MB tmpfs when this user may mount one (root); else ENOSPC is injected into the
+    """On a real 64 MB tmpfs when this user may mount one (root); else ENOSPC is injected into the
     checkpoint writer (the same error orbax's writer raises)."""
     from speechverse_jax.errors import UserError
     from speechverse_jax.train.loop import train
 
     mnt = str(tmp_path / "small_disk")
-    real = _mount_tmpfs(mnt, "8m")
+    real = _mount_tmpfs(mnt, "64m")  # room for two tiny runs; the filler takes the rest
     try:
         workdir = os.path.join(mnt, "run")
         train(_tiny(tiny_base, 2), workdir, _tiny_data(), progress=False)
@@ -284,7 +284,7 @@ def test_disk_full_during_a_save_fails_clearly_and_keeps_the_previous_checkpoint
             if ctx:
                 ctx.stop()
         msg = str(info.value)
-        print(f"disk full ({'8 MB tmpfs' if real else 'injected ENOSPC'}): {msg}")
+        print(f"disk full ({'64 MB tmpfs' if real else 'injected ENOSPC'}): {msg}")
         assert "no space left on device while saving checkpoint step" in msg and "the previous checkpoint (step 2) is intact" in msg, msg
         after = {p: open(p, "rb").read() for p in before}
         assert after == before  # step 2 untouched

@@ -9,11 +9,13 @@ The model is trained on ids that end with EOS (T5's convention), so every path a
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any, List, Sequence, Tuple
 
 import numpy as np
 
+from speechverse_jax import fs
 from speechverse_jax.data.batching import pad_rows
 
 # transformers resolves its classes lazily on first attribute access; two threads doing that first
@@ -23,13 +25,19 @@ _LOAD_LOCK = threading.Lock()
 
 def load_tokenizer(folder: str):
     """The T5 tokenizer carried into a converted folder (spiece.model / tokenizer.json)."""
+    if not fs.is_remote(folder) and not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: no such tokenizer folder (data.tokenizer, or the base checkpoint)")
     with _LOAD_LOCK:
         import transformers
 
         try:
             return transformers.AutoTokenizer.from_pretrained(folder)
         except Exception:
-            return transformers.T5Tokenizer.from_pretrained(folder, legacy=False)
+            try:
+                return transformers.T5Tokenizer.from_pretrained(folder, legacy=False)
+            except Exception as e:
+                raise ValueError(f"{folder}: no usable tokenizer files (spiece.model / tokenizer.json): "
+                                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
 class TextEncoder:

@@ -499,6 +499,8 @@ def make_corpus(out_dir: str, sizes: Mapping[str, Mapping[str, int]], seed: int 
             task_rows = [{**r, "audio": "../" + r["audio"]} for r in rows[split] if r["task"] == task]
             write_manifest(os.path.join(out_dir, "by_task", f"{split}.{task}.jsonl"), task_rows)
     summary = summarize(rows, sizes, seed, time.time() - t0)
+    summary["skipped"] = dict(sorted(skipped.items()))
+    summary["skip_examples"] = skip_examples[:20]
     _write_json(os.path.join(out_dir, "corpus.json"), summary)
     summary["baselines"] = baselines(out_dir)
     summary["generation_seconds"] = round(time.time() - t0, 2)
