@@ -25,6 +25,8 @@ def _convert(args: argparse.Namespace) -> int:
 
 USAGE_TRAIN = """usage: speechverse-jax train|curriculum --config configs/X.py[:arg] --workdir DIR [--config.a.b=value ...]
     [--compile-only]                          compile the step for the config's mesh from shapes, print memory + FLOPs
+    [--compile-target=auto|tpu|cpu]           compile-only: TPU compiler via libtpu (auto when a topology is known)
+    [--topology=v5e:4x4]                      compile-only: the TPU topology (default: the slice preset's)
     [--coordinator HOST:PORT --num_processes N --process_id I]   multi-process start (TPU VMs: automatic)
   e.g. --config.optim.lr=3e-4 --config.data.batch_size=64"""
 
@@ -40,6 +42,11 @@ def _config_from_flags(argv: List[str]):
         raise SystemExit(0 if argv else 2)
     compile_only = any(a in ("--compile-only", "--compile_only") for a in argv)
     argv = [a for a in argv if a not in ("--compile-only", "--compile_only")]
+    aot_opts = {"target": "auto", "topology": None}
+    for key, flag in (("target", "--compile-target="), ("topology", "--topology=")):
+        for a in [a for a in argv if a.startswith(flag)]:
+            aot_opts[key] = a[len(flag):]
+            argv.remove(a)
     values = flags.FlagValues()
     argv = ["speechverse-jax"] + list(argv)
     config_flags.DEFINE_config_file("config", None, "config module (get_config)", flag_values=values,
@@ -52,7 +59,7 @@ def _config_from_flags(argv: List[str]):
     if values.config is None or (not values.workdir and not compile_only):
         raise SystemExit(USAGE_TRAIN)
     options = {"compile_only": compile_only, "coordinator": values.coordinator,
-               "num_processes": values.num_processes, "process_id": values.process_id}
+               "num_processes": values.num_processes, "process_id": values.process_id, **aot_opts}
     return values.config, values.workdir, options
 
 
@@ -62,8 +69,10 @@ def _start(config, workdir, options) -> bool:
         from speechverse_jax import fs
         from speechverse_jax.train import aot
 
-        aot.force_cpu_devices(aot.mesh_devices(config))
-        report = aot.compile_train_step(config)
+        target, _, _ = aot.resolve_target(config, options.get("target", "auto"), options.get("topology"))
+        if target == "cpu":
+            aot.force_cpu_devices(aot.mesh_devices(config))
+        report = aot.compile_train_step(config, target=target, topology=options.get("topology"))
         if workdir:
             fs.makedirs(workdir)
             fs.write_text(f"{workdir.rstrip('/')}/compile_only.json", json.dumps(report, indent=2))

@@ -25,6 +25,7 @@ from flax import traverse_util
 from speechverse_jax import checkpoints as base_ckpt
 from speechverse_jax import config_lib
 from speechverse_jax.models.speechverse import SpeechVerse, SpeechVerseConfig, init_params, init_params_subset
+from speechverse_jax.models.layers import with_activation_sharding
 from speechverse_jax.train import checkpoint as ckpt_lib
 from speechverse_jax.train import optimizer as opt_lib
 from speechverse_jax.train import partitioning
@@ -65,6 +66,7 @@ class Setup:
     frozen: Any
     trainable: Any
     param_shardings: Dict[str, Any]  # flat path -> NamedSharding
+    rules: Any = ()  # logical-axis rules (params and activations)
 
 
 def _flat(tree):
@@ -124,7 +126,7 @@ def build_setup(config, mesh: Optional[jax.sharding.Mesh] = None, log_fn: Callab
             trainable[k] = jax.device_put(np.asarray(v, abstract[k].dtype), shardings[k])
         log_fn(f"initialised from {init_from}: {len(previous)} params restored, {len(grafted)} new "
                f"({'LoRA grafted with b = 0' if any('/lora_' in k for k in grafted) else 'fresh init'})")
-    return Setup(model_cfg, model, mesh, labels, _unflat(frozen), _unflat(trainable), shardings)
+    return Setup(model_cfg, model, mesh, labels, _unflat(frozen), _unflat(trainable), shardings, rules)
 
 
 def previous_stage_params(path: str, prefer: str = "best") -> Dict[str, np.ndarray]:
@@ -246,9 +248,11 @@ def train(config, workdir: str, data: TrainData, mesh=None, progress: bool = Tru
         say(f"resumed from {workdir} at step {int(state.step)}")
 
     state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
-    step_fn = jax.jit(make_train_step(setup.model, tx, schedule, n_tasks, int(tcfg.accum_steps)),
+    # activation constraints (models/layers.py `constrain`) take effect inside these traces
+    step_fn = jax.jit(with_activation_sharding(make_train_step(setup.model, tx, schedule, n_tasks,
+                                                               int(tcfg.accum_steps)), setup.mesh, setup.rules),
                       out_shardings=(state_shardings, None), donate_argnums=(0,))
-    eval_fn = jax.jit(make_eval_step(setup.model, n_tasks))
+    eval_fn = jax.jit(with_activation_sharding(make_eval_step(setup.model, n_tasks), setup.mesh, setup.rules))
     writer = MetricsWriter(workdir, tensorboard=bool(tcfg.get("tensorboard", True)))
 
     def meta(extra=None):
