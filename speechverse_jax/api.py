@@ -93,7 +93,12 @@ class SpeechVerseModel:
         cfg = config_lib.build_model_config(config.model, wavlm_cfg, t5_cfg)
         trained = previous_stage_params(run_dir, prefer=which)
         base = checkpoints.load_base_params(base_dir)
-        params = _merge(base, traverse_util.unflatten_dict(trained, sep="/"))
+        # the base folder is unrolled; the run may be scanned (model.scan_layers): merge unrolled,
+        # then lay the whole tree out the way this model config runs it
+        from speechverse_jax.models.scan_layout import tree_to_layout, unstack_layers
+
+        params = _merge(base, traverse_util.unflatten_dict(unstack_layers(trained), sep="/"))
+        params = tree_to_layout(params, cfg.scan_layers)
         missing = set(traverse_util.flatten_dict(nn_abstract(cfg), sep="/")) - set(traverse_util.flatten_dict(params, sep="/"))
         if missing:
             raise ValueError(f"{run_dir}: the checkpoint lacks params the model needs: {sorted(missing)[:10]}")

@@ -98,4 +98,14 @@ def load_base_params(base_dir: str, target: Any = None) -> Dict[str, Any]:
     ckptr = ocp.StandardCheckpointer()
     if target is None:
         return ckptr.restore(path)
-    return ckptr.restore(path, target)
+    from flax import traverse_util
+
+    from speechverse_jax.models import scan_layout
+
+    flat_target = traverse_util.flatten_dict(target, sep="/")
+    if not scan_layout.is_scanned(flat_target):
+        return ckptr.restore(path, target)
+    # The folder holds the unrolled layout (one entry per layer); a scanned model wants the layers
+    # stacked: restore each layer where its slice of the stacked array will live, then stack.
+    return traverse_util.unflatten_dict(
+        scan_layout.restore_stacked(lambda t: ckptr.restore(path, t), flat_target), sep="/")

@@ -40,6 +40,10 @@ def model_config(
             dtype="float32",
             frozen_param_dtype="float32",
             t5_dropout_rate=-1.0,  # dropout inside the frozen T5 while training; -1 = the checkpoint's (0.1 for Flan-T5)
+            # nn.scan over identical layers (T5 blocks, WavLM layers 1..L-1): one compiled layer per
+            # stack; params stacked on a leading `layers` axis (converted checkpoints load either way).
+            scan_layers=False,
+            remat="none",  # per T5 block: none | full | dots_saveable | dots_with_no_batch_dims_saveable
         )
     )
 
@@ -78,6 +82,8 @@ def build_model_config(
         lora=lora,
         dtype=model.dtype,
         frozen_param_dtype=model.frozen_param_dtype,
+        scan_layers=bool(model.get("scan_layers", False)),
+        remat=str(model.get("remat", "none")),
     )
 
 
@@ -199,6 +205,10 @@ def paper_stage_config(stage: str, arg: Optional[str] = None) -> ml_collections.
     config = stage_config(stage, model_kwargs=PAPER_LAYOUTS[layout])
     config.model.dtype = "bfloat16"
     config.model.frozen_param_dtype = "bfloat16"
+    # full size: one compiled layer per stack, and each T5 block's activations recomputed in the
+    # backward pass from its input (docs/scale.md has the measurements)
+    config.model.scan_layers = True
+    config.model.remat = "full"
     if slice_name is not None:
         slices.apply_slice(config, slice_name)
     return config

@@ -44,7 +44,9 @@ def _inverse(entry: Entry, value: np.ndarray, cfg) -> Dict[str, np.ndarray]:
 
 
 def _export(params: dict, table, cfg, hf_config: dict, out_dir: str) -> str:
-    flat = traverse_util.flatten_dict(params, sep="/")
+    from speechverse_jax.models.scan_layout import unstack_layers
+
+    flat = unstack_layers(traverse_util.flatten_dict(params, sep="/"))  # scanned params export too
     tensors = {}
     for entry in table:
         if entry.path not in flat:

@@ -311,7 +311,8 @@ def generate(model: T5, params: Any, encoder_hidden: jax.Array, encoder_mask: ja
 
 def speechverse_t5(sv_cfg: SpeechVerseConfig) -> T5:
     """The T5 module inside `SpeechVerse(sv_cfg)` (same LoRA and dtypes), to decode with `params['t5']`."""
-    return T5(sv_cfg.t5, lora=sv_cfg.lora, dtype=sv_cfg.compute_dtype, param_dtype=DTYPES[sv_cfg.frozen_param_dtype])
+    return T5(sv_cfg.t5, lora=sv_cfg.lora, dtype=sv_cfg.compute_dtype, param_dtype=DTYPES[sv_cfg.frozen_param_dtype],
+              scan_layers=sv_cfg.scan_layers, remat=sv_cfg.remat)
 
 
 def texts(tokenizer, out: Generated) -> List[str]:

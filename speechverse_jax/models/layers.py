@@ -49,6 +49,31 @@ class LoRAConfig:
         return re.fullmatch(self.target_regex, module_path) is not None
 
 
+# `model.remat`: what a rematerialised layer keeps for the backward pass.
+REMAT_POLICIES = {
+    "none": None,  # no remat: every intermediate of every layer is kept
+    "full": "nothing_saveable",  # keep only the layer inputs, recompute the rest
+    "dots_saveable": "dots_saveable",  # keep matmul outputs, recompute the element-wise work
+    "dots_with_no_batch_dims_saveable": "dots_with_no_batch_dims_saveable",
+}
+
+
+def remat_policy(name: str):
+    """The `jax.checkpoint_policies` policy of `model.remat` (None for 'none')."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"model.remat must be one of {sorted(REMAT_POLICIES)}, got {name!r}")
+    return None if REMAT_POLICIES[name] is None else getattr(jax.checkpoint_policies, REMAT_POLICIES[name])
+
+
+def layer_class(cls, remat: str, static_argnums=(), scanned: bool = False):
+    """`cls` wrapped in `nn.remat` with the policy of `remat` ('none': unchanged). Inside `nn.scan`
+    CSE cannot undo the remat, so `prevent_cse` is only needed for unrolled layers."""
+    policy = remat_policy(remat)
+    if policy is None:
+        return cls
+    return nn.remat(cls, policy=policy, prevent_cse=not scanned, static_argnums=static_argnums)
+
+
 def module_path(module: nn.Module) -> str:
     """The '/'-joined path of a bound module inside the params tree, e.g. 't5/encoder/block_0/...'."""
     return "/".join(str(p) for p in module.scope.path)

@@ -86,12 +86,45 @@ def restore(directory: str, abstract_state: Any, step: Optional[int] = None) -> 
         step = mgr.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{directory}: no complete checkpoint")
-        out = mgr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=ocp.args.JsonRestore(),
-            meta=ocp.args.JsonRestore(),
-        ))
+        try:
+            out = mgr.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=ocp.args.JsonRestore(),
+                meta=ocp.args.JsonRestore(),
+            ))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(_layout_hint(directory, step, abstract_state, e)) from e
     return out.state, _from_json_state(out.data["state"]), dict(out.meta)
+
+
+def _layout_hint(directory: str, step: int, abstract_state: Any, error: Exception) -> str:
+    """The message for a restore whose tree does not match: names the layer layout when that is the cause."""
+    from flax import traverse_util
+
+    from speechverse_jax.models.scan_layout import is_scanned
+
+    params = getattr(abstract_state, "params", None)
+    msg = f"{directory} step {step}: the checkpoint does not match this run's state ({type(error).__name__}: {error})"
+    if params is None:
+        return msg
+    want = is_scanned(traverse_util.flatten_dict(params, sep="/"))
+    saved = None
+    try:
+        import glob
+        import json
+
+        files = glob.glob(os.path.join(directory, str(step), "state", "_METADATA"))
+        if files:
+            tree = json.dumps(json.load(open(files[0])))
+            saved = "/blocks" in tree or "'blocks'" in tree or '"blocks"' in tree
+    except Exception:  # the hint is best-effort; the original error is chained
+        saved = None
+    if saved is not None and saved != want:
+        return (f"{directory} step {step} was saved with model.scan_layers={saved} (layers "
+                f"{'stacked' if saved else 'unrolled'}) but this run has model.scan_layers={want}: resume with "
+                f"--config.model.scan_layers={saved}, or start a new stage from it with train.init_from "
+                f"(which converts the layout)")
+    return msg
 
 
 def read_meta(directory: str, step: Optional[int] = None) -> Tuple[int, dict]:

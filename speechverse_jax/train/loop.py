@@ -25,6 +25,7 @@ from flax import traverse_util
 from speechverse_jax import checkpoints as base_ckpt
 from speechverse_jax import config_lib
 from speechverse_jax.models.speechverse import SpeechVerse, SpeechVerseConfig, init_params, init_params_subset
+from speechverse_jax.models import scan_layout
 from speechverse_jax.models.layers import with_activation_sharding
 from speechverse_jax.train import checkpoint as ckpt_lib
 from speechverse_jax.train import optimizer as opt_lib
@@ -114,7 +115,8 @@ def build_setup(config, mesh: Optional[jax.sharding.Mesh] = None, log_fn: Callab
                                          out_shardings={k: shardings[k] for k in train_paths}))
     init_from = config.train.get("init_from", "")
     if init_from:
-        previous = previous_stage_params(init_from)
+        # the previous stage may have run with the other layer layout (model.scan_layers)
+        previous = scan_layout.to_layout(previous_stage_params(init_from), scan_layout.is_scanned(abstract))
         grafted = sorted(k for k in train_paths if k not in previous)
         unused = sorted(k for k in previous if k not in train_paths)
         if unused:
