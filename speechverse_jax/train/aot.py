@@ -83,8 +83,12 @@ def resolve_target(config, target: str = "auto", topology: Optional[str] = None)
 
 def topology_devices(topology: str):
     """The devices of a TPU topology (e.g. 'v5e:4x4'), with no TPU attached."""
+    import os
+
     from jax.experimental import topologies
 
+    # libtpu takes a machine-wide lock file; a compile-only process needs no exclusive TPU access
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
 
 

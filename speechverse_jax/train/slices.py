@@ -61,6 +61,7 @@ class SlicePreset:
     per_device_batch: int  # micro-batch rows per (data, fsdp) shard
     accum_steps: int
     why: str
+    topology: str = ""  # libtpu topology name for deviceless compile-only checks (aot.py), "" off TPU
 
     @property
     def global_batch(self) -> int:
@@ -86,17 +87,20 @@ PRESETS: Dict[str, SlicePreset] = {p.name: p for p in (
     SlicePreset(
         "v5e-16", "v5litepod-16", "v2-alpha-tpuv5-lite", devices=16, hosts=4, hbm_gb=16.0,
         data=1, fsdp=16, tensor=1, per_device_batch=2, accum_steps=24,
+        topology="v5e:4x4",
         why="16 GB/chip is the constraint: replicated weights (6.3 GB) leave room for 1 row, so "
             "FSDP-16 over the whole slice (0.4 GB/chip, gathers on ICI) and 2 rows (8.6 GB est.; "
             "4 rows would be 15 GB); 768 / (16 x 2) = 24"),
     SlicePreset(
         "v5p-32", "v5p-32", "v2-alpha-tpuv5", devices=16, hosts=4, hbm_gb=95.0,
         data=16, fsdp=1, tensor=1, per_device_batch=16, accum_steps=3,
+        topology="v5p:2x2x4",
         why="95 GB/chip: replicate the frozen weights (no per-micro-step all-gathers) and run 16 "
             "rows (60 GB est.); 768 / (16 x 16) = 3"),
     SlicePreset(
         "v6e-8", "v6e-8", "v2-alpha-tpuv6e", devices=8, hosts=1, hbm_gb=32.0,
         data=1, fsdp=8, tensor=1, per_device_batch=6, accum_steps=16,
+        topology="v6e:2x4",
         why="8 chips x 32 GB on one host: FSDP-8 (0.8 GB/chip of weights) and 6 rows (22 GB est.); "
             "768 / (8 x 6) = 16"),
     SlicePreset(
@@ -133,6 +137,7 @@ def apply_slice(config, name: str, global_batch: Optional[int] = None):
     config.mesh.tensor = p.tensor
     config.data.batch_size = batch
     config.train.accum_steps = batch // (shards * p.per_device_batch)
+    config.mesh.topology = p.topology
     return config
 
 
