@@ -97,4 +97,5 @@ def test_every_tpu_preset_fits_its_committed_compiled_report():
         assert rep["mesh"] == {"data": p.data, "fsdp": p.fsdp, "tensor": p.tensor}
         assert rep["batch"]["batch"] == slices.PAPER_GLOBAL_BATCH and rep["accum_steps"] == p.accum_steps
         assert rep["micro_batch_per_shard"] == p.per_device_batch
-        assert rep["hbm_fraction"] <= slices.USABLE_FRACTION, (p.name, rep["hbm_fraction"])
+        peak = rep["xla_memory_per_device"]["peak_estimate"]
+        assert peak <= slices.USABLE_FRACTION * aot.CHIPS[rep["device_kind"]]["hbm"], (p.name, peak)

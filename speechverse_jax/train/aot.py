@@ -30,14 +30,13 @@ from speechverse_jax.train import flops as flops_lib
 SAMPLE_RATE = 16000
 TARGETS = ("auto", "tpu", "cpu")
 
-# Per-chip figures from Google Cloud's TPU system-architecture pages (cited in docs/scale.md):
-# bf16 dense peak FLOP/s, HBM bytes, HBM bandwidth (bytes/s), ICI bandwidth per chip (bytes/s,
-# all links together, one direction).
+# Per-chip figures from Google Cloud's TPU system-architecture pages (cloud.google.com/tpu/docs/v5e,
+# /v5p, /v6e; cited in docs/scale.md): bf16 dense peak FLOP/s, HBM bytes, HBM bandwidth (bytes/s),
+# ICI bandwidth per chip in one direction (bytes/s: half the pages' bidirectional figure).
 CHIPS = {
-    "TPU v4": dict(peak_flops=275e12, hbm=32 * 2**30, hbm_bw=1228e9, ici_bw=2400e9 / 8),
-    "TPU v5 lite": dict(peak_flops=197e12, hbm=16 * 2**30, hbm_bw=819e9, ici_bw=1600e9 / 8),
-    "TPU v5": dict(peak_flops=459e12, hbm=95 * 2**30, hbm_bw=2765e9, ici_bw=4800e9 / 8),
-    "TPU v6 lite": dict(peak_flops=918e12, hbm=32 * 2**30, hbm_bw=1640e9, ici_bw=3584e9 / 8),
+    "TPU v5 lite": dict(peak_flops=197e12, hbm=16 * 10**9, hbm_bw=819e9, ici_bw=400e9 / 2),  # v5e
+    "TPU v5": dict(peak_flops=459e12, hbm=95 * 10**9, hbm_bw=2765e9, ici_bw=1200e9 / 2),  # v5p
+    "TPU v6 lite": dict(peak_flops=918e12, hbm=32 * 10**9, hbm_bw=1638e9, ici_bw=800e9 / 2),  # v6e
 }
 
 
