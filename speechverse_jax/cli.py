@@ -72,7 +72,11 @@ def _start(config, workdir, options) -> bool:
         target, _, _ = aot.resolve_target(config, options.get("target", "auto"), options.get("topology"))
         if target == "cpu":
             aot.force_cpu_devices(aot.mesh_devices(config))
-        report = aot.compile_train_step(config, target=target, topology=options.get("topology"))
+        hlo = None
+        if workdir and not workdir.startswith("gs://"):
+            fs.makedirs(workdir)
+            hlo = f"{workdir.rstrip('/')}/compile_only.hlo.txt.gz"
+        report = aot.compile_train_step(config, target=target, topology=options.get("topology"), hlo_out=hlo)
         if workdir:
             fs.makedirs(workdir)
             fs.write_text(f"{workdir.rstrip('/')}/compile_only.json", json.dumps(report, indent=2))

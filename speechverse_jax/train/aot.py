@@ -342,7 +342,8 @@ def step_time_estimate(report: Dict[str, Any]) -> Optional[Dict[str, float]]:
 
 
 def compile_train_step(config, log_fn=print, compiler_options: Optional[Dict[str, Any]] = None,
-                       target: str = "auto", topology: Optional[str] = None, model_cfg=None) -> Dict[str, Any]:
+                       target: str = "auto", topology: Optional[str] = None, model_cfg=None,
+                       hlo_out: Optional[str] = None) -> Dict[str, Any]:
     """Lower and compile `config`'s train step for its target (see the module docstring); returns
     the report (also logged). Raises the compiler's error when the step does not fit."""
     from speechverse_jax.train import partitioning
@@ -368,6 +369,12 @@ def compile_train_step(config, log_fn=print, compiler_options: Optional[Dict[str
     compiled = lowered.compile(compiler_options)
     t_compile, c_compile = time.time() - t0, time.process_time() - c0
 
+    hlo_text = compiled.as_text()
+    if hlo_out:  # the compiled per-device program, gzipped (where the collectives come from)
+        import gzip
+
+        with gzip.open(hlo_out, "wt") as f:
+            f.write(hlo_text)
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
@@ -399,7 +406,7 @@ def compile_train_step(config, log_fn=print, compiler_options: Optional[Dict[str
         "xla_flops_per_device": float(cost.get("flops", float("nan"))),
         "xla_bytes_accessed_per_device": float(cost.get("bytes accessed", 0.0)),
         "xla_optimal_seconds": float(cost["optimal_seconds"]) if "optimal_seconds" in cost else None,
-        "collectives": collective_stats(compiled.as_text()),
+        "collectives": collective_stats(hlo_text),
     }
     if mem is not None:
         report["xla_memory_per_device"] = {
