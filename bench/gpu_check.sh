@@ -11,12 +11,14 @@ PY=${PY:-python}
 export PYTHONPATH=$PWD XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 nvidia-smi --query-gpu=name,memory.total --format=csv || true
 "$PY" -c "import jax; print(jax.devices())"
-for b in 16 8; do
-  if timeout 240 "$PY" bench/gpu_step.py --batch "$b" --audio-seconds 15 --steps 5 \
+# time budget (< 8 min in all): 200 s + 150 s for the step, 120 s for generation
+for attempt in "16 200" "8 150"; do
+  read -r b limit <<< "$attempt"
+  if timeout "$limit" "$PY" bench/gpu_step.py --batch "$b" --audio-seconds 15 --steps 5 \
       --out "bench/results/gpu_step_b$b.json"; then
     break
   fi
   echo "batch $b failed (out of memory or timeout); trying a smaller batch"
 done
-timeout 180 "$PY" bench/generation_speed.py --d-model 512 --layers 4 --batches 1 8 --beams 1 4 --repeats 3 \
+timeout 120 "$PY" bench/generation_speed.py --d-model 512 --layers 4 --batches 1 8 --beams 1 4 --repeats 3 \
   --torch-device cuda --out bench/results/generation_speed_gpu.json
