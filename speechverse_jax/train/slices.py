@@ -27,7 +27,8 @@ Memory model (full-size model, bf16 compute and bf16-stored frozen weights, scan
     = 5 x 113 MB, about 0.6 GB (replicated: small enough not to matter).
   * activations: with each T5 block rematerialised only its input is kept for the backward
     pass; the frozen WavLM keeps nothing (stop_gradient). The TPU compiler's temporaries grow by
-    0.45 GB per micro-batch row at the largest buckets (v5e-16: 2.36 GB at 2 rows, 5.08 GB at 8):
+    0.45 GB per micro-batch row at the largest buckets (v5e-16: 2.36 GB at 2 rows, 5.08 GB at 8,
+    8.77 GB at 16):
     ACTIVATION_GB_PER_EXAMPLE. (Without remat it was about 3.3 GB per row at 30 s audio and
     256 + 128 tokens, and the v5e-16 step did not fit at 2 rows: 24.25G of temporaries.)
   * headroom: 1.5 GB for the gathered layer weights, the recomputed block, XLA scratch (the
@@ -88,12 +89,12 @@ PRESETS: Dict[str, SlicePreset] = {p.name: p for p in (
             "x 4 data replicas; same 6-row micro-batch as v4-8; 768 / (16 x 6) = 8"),
     SlicePreset(
         "v5e-16", "v5litepod-16", "v2-alpha-tpuv5-lite", devices=16, hosts=4, hbm_gb=16.0,
-        data=1, fsdp=16, tensor=1, per_device_batch=8, accum_steps=6,
+        data=1, fsdp=16, tensor=1, per_device_batch=16, accum_steps=3,
         topology="v5e:4x4",
         why="16 GB/chip: FSDP-16 over the whole slice (0.4 GB/chip of frozen weights, gathers on ICI); "
-            "with scanned, rematerialised T5 blocks the TPU compiler fits 8 rows at the largest buckets "
-            "in 5.5 GiB (bench/results/compile_v5e-16.json), and 768 / (16 x 8) = 6 micro-steps, 4x fewer "
-            "weight all-gathers than the 2-row preset needed without remat"),
+            "with scanned, rematerialised T5 blocks the TPU compiler fits 16 rows at the largest buckets "
+            "in 8.97 GiB (60% of HBM; bench/results/compile_v5e-16.json), and 768 / (16 x 16) = 3 "
+            "micro-steps, 8x fewer weight all-gathers than the 2-row preset needed without remat"),
     SlicePreset(
         "v5p-32", "v5p-32", "v2-alpha-tpuv5", devices=16, hosts=4, hbm_gb=95.0,
         data=16, fsdp=1, tensor=1, per_device_batch=16, accum_steps=3,
