@@ -27,8 +27,8 @@ Memory model (full-size model, bf16 compute and bf16-stored frozen weights, scan
     = 5 x 113 MB, about 0.6 GB (replicated: small enough not to matter).
   * activations: with each T5 block rematerialised only its input is kept for the backward
     pass; the frozen WavLM keeps nothing (stop_gradient). The TPU compiler's temporaries grow by
-    0.45 GB per micro-batch row at the largest buckets (v5e-16: 2.36 GB at 2 rows, 5.08 GB at 8,
-    8.77 GB at 16):
+    about 0.48 GB per micro-batch row at the largest buckets (v5e-16: 2.36 GB at 2 rows, 5.08 GB at 8,
+    8.77 GB at 16, 12.96 GB at 24):
     ACTIVATION_GB_PER_EXAMPLE. (Without remat it was about 3.3 GB per row at 30 s audio and
     256 + 128 tokens, and the v5e-16 step did not fit at 2 rows: 24.25G of temporaries.)
   * headroom: 1.5 GB for the gathered layer weights, the recomputed block, XLA scratch (the
@@ -45,7 +45,7 @@ PAPER_GLOBAL_BATCH = 768
 
 FROZEN_GB = 5.7 + 0.63  # Flan-T5-XL + WavLM-Large, bf16
 TRAINABLE_STATE_GB = 0.6  # 28.3M f32 params, AdamW m and v, grads, accumulation carry
-ACTIVATION_GB_PER_EXAMPLE = 0.45  # remat=full, largest buckets; fitted to TPU compiles (module docstring)
+ACTIVATION_GB_PER_EXAMPLE = 0.48  # remat=full, largest buckets; fitted to TPU compiles (module docstring)
 HEADROOM_GB = 1.5
 USABLE_FRACTION = 0.9  # of the nominal HBM (runtime reservations; XLA_CLIENT_MEM_FRACTION=0.9 on GPU)
 
@@ -89,12 +89,13 @@ PRESETS: Dict[str, SlicePreset] = {p.name: p for p in (
             "x 4 data replicas; same 6-row micro-batch as v4-8; 768 / (16 x 6) = 8"),
     SlicePreset(
         "v5e-16", "v5litepod-16", "v2-alpha-tpuv5-lite", devices=16, hosts=4, hbm_gb=16.0,
-        data=1, fsdp=16, tensor=1, per_device_batch=16, accum_steps=3,
+        data=1, fsdp=16, tensor=1, per_device_batch=24, accum_steps=2,
         topology="v5e:4x4",
         why="16 GB/chip: FSDP-16 over the whole slice (0.4 GB/chip of frozen weights, gathers on ICI); "
-            "with scanned, rematerialised T5 blocks the TPU compiler fits 16 rows at the largest buckets "
-            "in 8.97 GiB (60% of HBM; bench/results/compile_v5e-16.json), and 768 / (16 x 16) = 3 "
-            "micro-steps, 8x fewer weight all-gathers than the 2-row preset needed without remat"),
+            "with scanned, rematerialised T5 blocks the TPU compiler fits 24 rows at the largest buckets "
+            "in 12.87 GiB (86% of 16 GB; bench/results/compile_v5e-16.json; 48 rows would not fit), and "
+            "768 / (16 x 24) = 2 micro-steps, 12x fewer weight all-gathers than the 2-row preset needed "
+            "without remat"),
     SlicePreset(
         "v5p-32", "v5p-32", "v2-alpha-tpuv5", devices=16, hosts=4, hbm_gb=95.0,
         data=16, fsdp=1, tensor=1, per_device_batch=16, accum_steps=3,
