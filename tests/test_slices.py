@@ -86,7 +86,7 @@ def test_config_files_take_a_slice():
     curriculum = config_lib.load_config_file(os.path.join(REPO, "configs", "curriculum.py"), "weighted,v6e-8")
     for stage in config_lib.STAGES:
         s = curriculum[stage]
-        assert (s.mesh.data, s.mesh.fsdp, s.train.accum_steps, s.data.batch_size) == (1, 8, 16, 768)
+        assert (s.mesh.data, s.mesh.fsdp, s.train.accum_steps, s.data.batch_size) == (1, 8, 3, 768)
         assert s.model.layer_combination == "weighted"
 
 
