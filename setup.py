@@ -32,7 +32,7 @@ setup(
     ],
     extras_require={
         # PyTorch only verifies conversions and runs the parity tests; pinned to the CPU wheel.
-        "test": ["torch==2.13.0", "pytest", "pytest-xdist"],
+        "test": ["torch==2.13.0", "pytest", "pytest-xdist", "libtpu==0.0.42.1"],  # libtpu: deviceless TPU compiles
         # Accelerator runtimes at the locked jax version (requirements/cpu.lock): libtpu / CUDA 12 plugin.
         "tpu": ["jax[tpu]==0.10.2"],
         "cuda": ["jax[cuda12]==0.10.2"],

@@ -61,7 +61,7 @@ def run(args) -> Dict:
     with tempfile.TemporaryDirectory() as tmp:
         folder = hf_tiny.save_t5(os.path.join(tmp, "t5"), flan=True, seed=0, **size)
         cfg, params = convert_t5(HFCheckpoint(folder))
-        hf = transformers.T5ForConditionalGeneration.from_pretrained(folder).eval()
+        hf = transformers.T5ForConditionalGeneration.from_pretrained(folder).eval().to(args.torch_device)
     # device arrays, as a user holds them
     params = jax.device_put(params)
     model = T5(cfg)
@@ -77,7 +77,7 @@ def run(args) -> Dict:
         embeds = rng.standard_normal((batch, args.enc_len, args.d_model)).astype(np.float32)
         enc = encode(jnp.asarray(embeds), jnp.asarray(mask))
         enc_np = np.asarray(enc)
-        mask_torch = torch.from_numpy(mask.astype(np.int64))
+        mask_torch = torch.from_numpy(mask.astype(np.int64)).to(args.torch_device)
         for beams in args.beams:
             gen_cfg = GenerateConfig(args.new_tokens, num_beams=beams, min_new_tokens=args.new_tokens)
             result = {}
@@ -87,7 +87,7 @@ def run(args) -> Dict:
 
             def theirs():
                 # generate expands `encoder_outputs` for beams in place: give it a fresh one each call
-                enc_torch = BaseModelOutput(last_hidden_state=torch.from_numpy(enc_np.copy()))
+                enc_torch = BaseModelOutput(last_hidden_state=torch.from_numpy(enc_np.copy()).to(args.torch_device))
                 with torch.inference_mode():
                     result["hf"] = hf.generate(encoder_outputs=enc_torch, attention_mask=mask_torch, do_sample=False,
                                                num_beams=beams, max_new_tokens=args.new_tokens,
@@ -113,7 +113,7 @@ def run(args) -> Dict:
             # same number of generated tokens on both sides (HF's sequences start with the start token)
             ours_tokens = np.asarray(result["ours"].tokens)
             ours_count = int(np.asarray(result["ours"].lengths).sum())
-            hf_tokens = result["hf"].numpy()[:, 1:]
+            hf_tokens = result["hf"].cpu().numpy()[:, 1:]
             eos = hf.generation_config.eos_token_id
             hf_count = sum(int(np.argmax(row == eos)) + 1 if (row == eos).any() else row.size for row in hf_tokens)
             if ours_count != hf_count or ours_count != batch * args.new_tokens:
@@ -158,6 +158,7 @@ def run(args) -> Dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--d-model", type=int, default=512)
+    p.add_argument("--torch-device", default="cpu", help="where HF generate runs (cuda on a GPU machine)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=32128)
     p.add_argument("--enc-len", type=int, default=100)

@@ -88,7 +88,12 @@ class SpeechVerseModel:
         cfg = build_model_config(config.model, wavlm_cfg, t5_cfg)
         trained = load_trainable_params(run_dir, prefer=which)
         base = checkpoints.load_base_params(base_dir)
-        params = tree.merge(base, tree.unflatten(trained))
+        # the base folder is unrolled; the run may be scanned (model.scan_layers): merge unrolled,
+        # then lay the whole tree out the way this model config runs it
+        from speechverse_jax.models.scan_layout import tree_to_layout, unstack_layers
+
+        params = tree.merge(base, tree.unflatten(unstack_layers(trained)))
+        params = tree_to_layout(params, cfg.scan_layers)
         want = tree.flatten(abstract_params(cfg))
         have = tree.flatten(params)
         missing = set(want) - set(have)

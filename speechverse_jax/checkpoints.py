@@ -21,7 +21,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import orbax.checkpoint as ocp
 
-from speechverse_jax import fs
+from speechverse_jax import fs, tree
 from speechverse_jax.models.t5 import T5Config
 from speechverse_jax.models.wavlm import WavLMConfig
 
@@ -97,4 +97,11 @@ def load_base_params(base_dir: str, target: Any = None) -> Dict[str, Any]:
     ckptr = ocp.StandardCheckpointer()
     if target is None:
         return ckptr.restore(path)
-    return ckptr.restore(path, target)
+    from speechverse_jax.models import scan_layout
+
+    flat_target = tree.flatten(target)
+    if not scan_layout.is_scanned(flat_target):
+        return ckptr.restore(path, target)
+    # The folder holds the unrolled layout (one entry per layer); a scanned model wants the layers
+    # stacked: restore each layer where its slice of the stacked array will live, then stack.
+    return tree.unflatten(scan_layout.restore_stacked(lambda t: ckptr.restore(path, t), flat_target))

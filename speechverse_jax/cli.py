@@ -28,15 +28,18 @@ commands (default config in brackets; `speechverse-jax COMMAND --help` lists its
   demo        [demo]      the end-to-end demo on CPU (--profile full|quick, or --profile convert-only)
 
 train / curriculum also take --compile-only (compile the step for the config's mesh from shapes and
-print memory + FLOPs) and --coordinator HOST:PORT --num_processes N --process_id I (multi-process)."""
+print memory, FLOPs, collectives and a step-time estimate; --compile-target auto|tpu|cpu and
+--topology v5e:4x4 pick the TPU compiler through libtpu, by default the slice preset's topology) and
+--coordinator HOST:PORT --num_processes N --process_id I (multi-process)."""
 
 DEFAULT_CONFIG = {"convert": "convert", "prepare": "prepare", "infer": "infer", "eval": "eval", "demo": "demo",
                   "train": None, "curriculum": None}
 # Flags that are not config fields: name -> takes a value.
 COMMAND_FLAGS = {
-    "train": {"workdir": True, "coordinator": True, "num_processes": True, "process_id": True, "compile_only": False},
+    "train": {"workdir": True, "coordinator": True, "num_processes": True, "process_id": True, "compile_only": False,
+              "compile_target": True, "topology": True},
     "curriculum": {"workdir": True, "coordinator": True, "num_processes": True, "process_id": True,
-                   "compile_only": False},
+                   "compile_only": False, "compile_target": True, "topology": True},
     "demo": {"profile": True, "no_progress": False},
     "prepare": {"option": True},
 }
@@ -186,8 +189,14 @@ def _start(config, workdir, flags) -> bool:
         from speechverse_jax import fs
         from speechverse_jax.train import aot
 
-        aot.force_cpu_devices(aot.mesh_devices(config))
-        report = aot.compile_train_step(config)
+        target, _, _ = aot.resolve_target(config, flags.get("compile_target", "auto"), flags.get("topology"))
+        if target == "cpu":
+            aot.force_cpu_devices(aot.mesh_devices(config))
+        hlo = None
+        if workdir and not fs.is_remote(workdir):
+            fs.makedirs(workdir)
+            hlo = f"{workdir.rstrip('/')}/compile_only.hlo.txt.gz"
+        report = aot.compile_train_step(config, target=target, topology=flags.get("topology"), hlo_out=hlo)
         if workdir:
             fs.makedirs(workdir)
             fs.write_text(f"{workdir.rstrip('/')}/compile_only.json", json.dumps(report, indent=2))

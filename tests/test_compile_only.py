@@ -1,5 +1,6 @@
 """`train --compile-only` compiles the full-size (WavLM-Large + Flan-T5-XL) train step for an
-8-device mesh from shapes alone, on forced CPU devices, and reports memory per device and FLOPs."""
+8-device mesh from shapes alone, on forced CPU devices (`--compile-target=cpu`), and reports
+memory per device, FLOPs and collectives. (tests/test_tpu_compile.py compiles for a TPU topology.)"""
 
 import json
 import os
@@ -15,7 +16,7 @@ from speechverse_jax.train import flops
 def test_full_size_step_compiles_for_a_mesh_and_reports(tmp_path):
     out = tmp_path / "aot"
     cmd = [sys.executable, "-m", "speechverse_jax.cli", "train", "--config", "configs/stage2_multitask.py",
-           "--workdir", str(out), "--compile-only", "--config.mesh.data=2", "--config.mesh.fsdp=4",
+           "--workdir", str(out), "--compile-only", "--compile-target=cpu", "--config.mesh.data=2", "--config.mesh.fsdp=4",
            "--config.data.batch_size=8", "--config.data.audio_buckets_seconds=(4.0,)",
            "--config.data.instruction_buckets=(32,)", "--config.data.target_buckets=(16,)"]
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
@@ -35,9 +36,16 @@ def test_full_size_step_compiles_for_a_mesh_and_reports(tmp_path):
     # Adam moments: two float32 copies of the trainable params, sharded the same way.
     assert report["per_device_bytes"]["optimizer_state"] >= 2 * report["per_device_bytes"]["trainable_params"]
     assert report["xla_memory_per_device"]["temporaries"] > 0
-    # XLA's count for the compiled step agrees with the analytic model FLOPs.
+    # the paper presets scan the layers and rematerialise the T5 blocks; no TPU topology was given,
+    # so the step compiled for forced CPU devices and said so
+    assert report["scan_layers"] and report["remat"] == "full" and report["target"] == "cpu"
+    assert "forced CPU devices" in res.stdout
+    # FSDP-4: the frozen weights are all-gathered, once per scanned layer iteration
+    assert report["collectives"]["all-gather"]["count"] >= 48 and report["collectives"]["unknown_trip_count_loops"] == 0
+    # XLA's cost analysis counts each loop body once (test_flops.py checks the analytic count
+    # against XLA on an unrolled model), so here it is only below the analytic total.
     xla = report["xla_flops_per_device"] * report["devices"]
-    assert 0.95 <= xla / report["analytic_flops"]["total"] <= 1.2, (xla, report["analytic_flops"])
+    assert 0 < xla < report["analytic_flops"]["total"], (xla, report["analytic_flops"])
 
 
 def test_analytic_flops_of_the_paper_model_scale_with_the_batch():

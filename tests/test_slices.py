@@ -46,8 +46,8 @@ def test_apply_slice_sets_mesh_batch_and_accumulation(name):
 
 def test_apply_slice_other_global_batch_and_errors():
     config = config_common.stage_config("stage1")
-    slices.apply_slice(config, "v5e-16", global_batch=256)  # 16 shards x 2 rows x 8 micro-steps
-    assert config.data.batch_size == 256 and config.train.accum_steps == 8
+    slices.apply_slice(config, "v5e-16", global_batch=1152)  # 16 shards x 24 rows x 3 micro-steps
+    assert config.data.batch_size == 1152 and config.train.accum_steps == 3
     with pytest.raises(ValueError, match="multiple of"):
         slices.apply_slice(config, "v5e-16", global_batch=100)
     with pytest.raises(ValueError, match=r"unknown slice preset 'v9-8'.*v5e-16"):
@@ -58,8 +58,8 @@ def test_apply_slice_other_global_batch_and_errors():
     (None, "wlm", "last", (-1, 1, 1), 1),
     ("", "wlm", "last", (-1, 1, 1), 1),
     ("weighted", "weighted", "weighted", (-1, 1, 1), 1),
-    ("wlm,v5e-16", "wlm", "last", (1, 16, 1), 24),
-    ("v5e-16", "wlm", "last", (1, 16, 1), 24),
+    ("wlm,v5e-16", "wlm", "last", (1, 16, 1), 2),
+    ("v5e-16", "wlm", "last", (1, 16, 1), 2),
     (" v5p-32 , weighted ", "weighted", "weighted", (16, 1, 1), 3),
 ])
 def test_paper_stage_config_arg(arg, layout, combination, mesh, accum):
@@ -83,11 +83,11 @@ def test_paper_stage_config_bad_arg_names_the_choices(arg, what):
 
 def test_config_files_take_a_slice():
     stage1 = configs.load(os.path.join(REPO, "configs", "stage1.py"), "v5e-16")
-    assert stage1.mesh.fsdp == 16 and stage1.train.accum_steps == 24
+    assert stage1.mesh.fsdp == 16 and stage1.train.accum_steps == 2
     curriculum = configs.load(os.path.join(REPO, "configs", "curriculum.py"), "weighted,v6e-8")
     for stage in config_common.STAGES:
         s = curriculum[stage]
-        assert (s.mesh.data, s.mesh.fsdp, s.train.accum_steps, s.data.batch_size) == (1, 8, 16, 768)
+        assert (s.mesh.data, s.mesh.fsdp, s.train.accum_steps, s.data.batch_size) == (1, 8, 3, 768)
         assert s.model.layer_combination == "weighted"
 
 

@@ -71,7 +71,11 @@ def test_full_size_multitask_wlm_counts_match_hf_and_the_paper():
     assert round((adaptor + lora) / 1e6, 1) == 28.3
     # (Table 11 says 2.9B in total; WavLM-Large + Flan-T5-XL alone are 3.17B, so that figure cannot
     # include both frozen backbones in full. The per-part counts above are what we can check.)
-    n_lora_blocks = len({k.rsplit("/", 2)[0] for k in flat if "/lora_" in k})
+    # (the paper presets scan the layers: count attention blocks in the unrolled layout)
+    from speechverse_jax.models.scan_layout import unstack_layers
+
+    assert cfg.scan_layers
+    n_lora_blocks = len({k.rsplit("/", 2)[0] for k in unstack_layers(flat) if "/lora_" in k})
     assert n_lora_blocks == 72
 
 

@@ -309,3 +309,26 @@ def test_param_tree_has_logical_axes_and_hf_param_count(hf):
     layer0 = hf["base"].params["encoder"]["layers_0"]["attention"]
     assert layer0["q"]["kernel"].shape == (32, 32) and layer0["rel_attn_embed"].shape == (32, 4)
     assert "rel_attn_embed" not in hf["base"].params["encoder"]["layers_1"]["attention"]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_scanned_layers_match_hf(family, tmp_path):
+    """`scan_layers`: layer 0 (owner of rel_attn_embed) stays unrolled, layers 1..3 run under
+    nn.scan on stacked params; every hidden state matches HF at 1e-4."""
+    from speechverse_jax.models.scan_layout import tree_to_layout
+
+    torch.manual_seed(7)
+    model = transformers.WavLMModel(transformers.WavLMConfig(**dict(TINY, num_hidden_layers=4),
+                                                             **FAMILIES[family])).eval()
+    _perturb(model)
+    model.save_pretrained(str(tmp_path / family))
+    cfg, params = convert_wavlm(HFCheckpoint(str(tmp_path / family)))
+    stacked = tree_to_layout(params, scanned=True)
+    assert set(stacked["encoder"]) >= {"layers_0", "layers"} and "layers_1" not in stacked["encoder"]
+    assert "rel_attn_embed" in stacked["encoder"]["layers_0"]["attention"]
+    audio, mask = _batch()
+    ref, ref_last = _hf_states(model, audio, mask)
+    out = jax.jit(WavLM(cfg, scan_layers=True).apply)({"params": stacked}, jnp.asarray(audio), jnp.asarray(mask))
+    rel = _assert_states_match(out.hidden_states, ref, 1e-4)
+    assert _rel(out.last_hidden_state, ref_last) <= 1e-4
+    print(f"{family} scanned: max rel diff {rel:.2e}")

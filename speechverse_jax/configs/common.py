@@ -83,6 +83,10 @@ def paper_stage_config(stage: str, arg: Optional[str] = None) -> ml_collections.
     config = stage_config(stage, model_kwargs=PAPER_LAYOUTS[layout])
     config.model.dtype = "bfloat16"
     config.model.frozen_param_dtype = "bfloat16"
+    # full size: one compiled layer per stack, and each T5 block's activations recomputed in the
+    # backward pass from its input (docs/scale.md has the measurements)
+    config.model.scan_layers = True
+    config.model.remat = "full"
     if slice_name is not None:
         slices.apply_slice(config, slice_name)
     return config

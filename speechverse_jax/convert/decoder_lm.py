@@ -15,9 +15,9 @@ import re
 from typing import List, Optional, Tuple
 
 import numpy as np
-from flax import traverse_util
 from safetensors.numpy import save_file
 
+from speechverse_jax import tree as tree_lib
 from speechverse_jax.convert.hf_io import CheckpointError, HFCheckpoint
 from speechverse_jax.convert.name_table import Entry, convert, expected_shapes, transpose
 from speechverse_jax.models.decoder_lm import DecoderLMConfig, abstract_params
@@ -111,7 +111,7 @@ def export_decoder_lm(cfg: DecoderLMConfig, params: dict, out_dir: str) -> str:
     Tokenizer files are the caller's. Params with LoRA adapters must be merged first
     (`models.lora.merge_lora`).
     """
-    flat = traverse_util.flatten_dict(params, sep="/")
+    flat = tree_lib.flatten(params)
     table = name_table(cfg)
     tensors = {}
     for entry in table:

@@ -12,9 +12,9 @@ import os
 from typing import Dict
 
 import numpy as np
-from flax import traverse_util
 from safetensors.numpy import save_file
 
+from speechverse_jax import tree as tree_lib
 from speechverse_jax.convert import t5 as t5_conv
 from speechverse_jax.convert import wavlm as wavlm_conv
 from speechverse_jax.convert.name_table import Entry, transpose
@@ -44,7 +44,9 @@ def _inverse(entry: Entry, value: np.ndarray, cfg) -> Dict[str, np.ndarray]:
 
 
 def _export(params: dict, table, cfg, hf_config: dict, out_dir: str) -> str:
-    flat = traverse_util.flatten_dict(params, sep="/")
+    from speechverse_jax.models.scan_layout import unstack_layers
+
+    flat = unstack_layers(tree_lib.flatten(params))  # scanned params export too
     tensors = {}
     for entry in table:
         if entry.path not in flat:

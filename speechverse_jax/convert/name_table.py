@@ -12,8 +12,8 @@ import re
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
-from flax import traverse_util
 
+from speechverse_jax import tree as tree_lib
 from speechverse_jax.convert.hf_io import CheckpointError, HFCheckpoint
 
 Transform = Callable[..., np.ndarray]
@@ -113,10 +113,10 @@ def convert(
         problems.append("params with no source in the name table:\n  " + "\n  ".join(not_produced))
     if problems:
         raise CheckpointError(f"{ckpt.folder}: checkpoint does not fit the model config\n" + "\n".join(problems))
-    return traverse_util.unflatten_dict(flat, sep="/")
+    return tree_lib.unflatten(flat)
 
 
 def expected_shapes(abstract_params: dict) -> Dict[str, Tuple[Tuple[int, ...], np.dtype]]:
     """Flat '/'-joined path -> (shape, dtype) of an abstract (eval_shape) params tree."""
-    flat = traverse_util.flatten_dict(abstract_params, sep="/")
+    flat = tree_lib.flatten(abstract_params)
     return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in flat.items()}

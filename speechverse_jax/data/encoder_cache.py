@@ -98,17 +98,23 @@ _SKIPPED = "__svj_skipped__"
 
 def build_cache(cfg: SpeechVerseConfig, wavlm_params: Any, manifests: Sequence[str], batch_size: int = 8,
                 bucket_seconds: Sequence[float] = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0), sample_rate: int = 16000,
-                progress: bool = True, strict: bool = False) -> EncoderCache:
+                progress: bool = True, strict: bool = False, sharding=None) -> EncoderCache:
     """Run the frozen encoder once over every example of `manifests` (clips grouped by length
     bucket, so it compiles once per bucket). Bad lines and clips (unreadable, empty, NaN/inf,
     longer than the largest bucket) are skipped and counted (`cache.stats`, `cache.skipped`);
-    `strict` raises `DataError` (manifest:line) at the first instead."""
+    `strict` raises `DataError` (manifest:line) at the first instead. `sharding`: `(mesh,
+    logical-axis rules)` when `wavlm_params` live on a mesh, so WavLM's activation constraints
+    take effect."""
     from tqdm import tqdm
+
+    from speechverse_jax.models.layers import with_activation_sharding
 
     stats = DataStats(strict=strict)
     examples = read_manifests(list(manifests), stats, require_target=False)
     model = SpeechVerse(cfg)
-    encode = jax.jit(lambda p, a, m: model.apply({"params": {"wavlm": p}}, a, m, method=SpeechVerse.encode_audio))
+    encode = jax.jit(with_activation_sharding(
+        lambda p, a, m: model.apply({"params": {"wavlm": p}}, a, m, method=SpeechVerse.encode_audio),
+        *(sharding or (None, ()))))
     buckets = [int(s * sample_rate) for s in bucket_seconds]
     clips, skipped, seen = {}, {}, set()
     for ex in tqdm(examples, desc="load audio", disable=not progress, dynamic_ncols=True):

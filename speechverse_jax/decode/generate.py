@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from speechverse_jax.decode.constraints import START, Constraint, next_states
+from speechverse_jax.models.layers import activation_sharding
 from speechverse_jax.models.t5 import T5, expand_cache, reorder_cache
 
 NEG = -1.0e9  # HF's "impossible" score; finite so that sums and comparisons stay well defined
@@ -258,9 +259,16 @@ def beam_search(step: StepFn, cache: Dict[str, Any], cfg: GenerateConfig, specia
     return Generated(out["fin_seqs"][:, 0], out["fin_lengths"][:, 0], out["fin_scores"][:, 0])
 
 
-@functools.partial(jax.jit, static_argnames=("model", "cfg"))
+@functools.partial(jax.jit, static_argnames=("model", "cfg", "sharding"))
 def _generate(model: T5, params: Any, encoder_hidden: jax.Array, encoder_mask: jax.Array, cfg: GenerateConfig,
-              constraint: Optional[Constraint]) -> Generated:
+              constraint: Optional[Constraint], sharding=None) -> Generated:
+    if sharding is not None:  # (mesh, rules): the activation / KV-cache constraints take effect in this trace
+        with activation_sharding(*sharding):
+            return _generate_body(model, params, encoder_hidden, encoder_mask, cfg, constraint)
+    return _generate_body(model, params, encoder_hidden, encoder_mask, cfg, constraint)
+
+
+def _generate_body(model, params, encoder_hidden, encoder_mask, cfg, constraint) -> Generated:
     t5 = model.cfg
     special = SpecialTokens(t5.decoder_start_token_id, t5.eos_token_id, t5.pad_token_id)
     variables = {"params": params}
@@ -287,20 +295,23 @@ def batch_bucket(n: int) -> int:
 
 def generate(model: T5, params: Any, encoder_hidden: jax.Array, encoder_mask: jax.Array,
              cfg: GenerateConfig = GenerateConfig(), constraint: Optional[Constraint] = None,
-             bucket: bool = True, length_multiple: int = 16) -> Generated:
+             bucket: bool = True, length_multiple: int = 16, sharding=None) -> Generated:
     """Decode from the T5 encoder output `[b, s, d_model]` (mask `[b, s]`) with `T5` params.
 
     The batch is padded to `batch_bucket(b)` and the encoder length to a multiple of
     `length_multiple` (masked, so results do not depend on it beyond float rounding) unless
     `bucket=False`; outputs are cut back to b rows. For a SpeechVerse model pass
-    `models.speechverse.speechverse_t5(cfg)` and `params['t5']`.
+    `models.speechverse.speechverse_t5(cfg)` and `params['t5']`. `sharding`: `(mesh, logical-axis rules)` when the
+    inputs live on a mesh, so the activations and the KV cache are laid out by the rules.
     """
     b, s = encoder_mask.shape
     if bucket:
         pb, ps = batch_bucket(b) - b, _round_up(s, length_multiple) - s
         encoder_hidden = jnp.pad(encoder_hidden, ((0, pb), (0, ps), (0, 0)))
         encoder_mask = jnp.pad(encoder_mask.astype(bool), ((0, pb), (0, ps)))
-    out = _generate(model, params, encoder_hidden, encoder_mask.astype(bool), cfg, constraint)
+    if sharding is not None:
+        sharding = (sharding[0], tuple((n, tuple(a) if isinstance(a, list) else a) for n, a in sharding[1]))
+    out = _generate(model, params, encoder_hidden, encoder_mask.astype(bool), cfg, constraint, sharding)
     return Generated(*(x[:b] for x in out))
 
 

@@ -35,6 +35,10 @@ def model_config(
             dtype="float32",
             frozen_param_dtype="float32",
             t5_dropout_rate=-1.0,  # dropout inside the frozen T5 while training; -1 = the checkpoint's (0.1 for Flan-T5)
+            # nn.scan over identical layers (T5 blocks, WavLM layers 1..L-1): one compiled layer per
+            # stack; params stacked on a leading `layers` axis (converted checkpoints load either way).
+            scan_layers=False,
+            remat="none",  # per T5 block: none | full | dots_saveable | dots_with_no_batch_dims_saveable
         )
     )
 
@@ -73,4 +77,6 @@ def build_model_config(
         lora=lora,
         dtype=model.dtype,
         frozen_param_dtype=model.frozen_param_dtype,
+        scan_layers=bool(model.scan_layers),
+        remat=str(model.remat),
     )

@@ -6,7 +6,10 @@ the rules table in the config (see docs/architecture.md for the axis vocabulary)
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import functools
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -49,6 +52,31 @@ class LoRAConfig:
 
     def matches(self, module_path: str) -> bool:
         return rules.matches(self.target_regex, module_path)
+
+
+# `model.remat`: what a rematerialised layer keeps for the backward pass.
+REMAT_POLICIES = {
+    "none": None,  # no remat: every intermediate of every layer is kept
+    "full": "nothing_saveable",  # keep only the layer inputs, recompute the rest
+    "dots_saveable": "dots_saveable",  # keep matmul outputs, recompute the element-wise work
+    "dots_with_no_batch_dims_saveable": "dots_with_no_batch_dims_saveable",
+}
+
+
+def remat_policy(name: str):
+    """The `jax.checkpoint_policies` policy of `model.remat` (None for 'none')."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"model.remat must be one of {sorted(REMAT_POLICIES)}, got {name!r}")
+    return None if REMAT_POLICIES[name] is None else getattr(jax.checkpoint_policies, REMAT_POLICIES[name])
+
+
+def layer_class(cls, remat: str, static_argnums=(), scanned: bool = False):
+    """`cls` wrapped in `nn.remat` with the policy of `remat` ('none': unchanged). Inside `nn.scan`
+    CSE cannot undo the remat, so `prevent_cse` is only needed for unrolled layers."""
+    policy = remat_policy(remat)
+    if policy is None:
+        return cls
+    return nn.remat(cls, policy=policy, prevent_cse=not scanned, static_argnums=static_argnums)
 
 
 def module_path(module: nn.Module) -> str:
@@ -178,6 +206,64 @@ class Conv1D(nn.Module):
         return y
 
 
+# (mesh, logical-axis rules) of the activation constraints while a model function is traced.
+_ACTIVATION_SHARDING: contextvars.ContextVar = contextvars.ContextVar("activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh, rules):
+    """Make `constrain` take effect: activations named with logical axes are laid out on `mesh`
+    by `rules` (the same table as the params, `config.mesh.rules`) while this context is open.
+
+    Enter it around the *tracing* of a model function (see `with_activation_sharding`); a jitted
+    function traced outside it has no activation constraints. `mesh=None` turns them off.
+    """
+    token = _ACTIVATION_SHARDING.set(None if mesh is None else (mesh, tuple(tuple(r) for r in rules)))
+    try:
+        yield
+    finally:
+        _ACTIVATION_SHARDING.reset(token)
+
+
+def with_activation_sharding(fn, mesh, rules):
+    """`fn` run inside `activation_sharding(mesh, rules)`: wrap a step before `jax.jit` so every
+    trace of it sees the constraints."""
+    if mesh is None:
+        return fn
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with activation_sharding(mesh, rules):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def activation_spec(shape: Sequence[int], names: Sequence[Optional[str]], mesh, rules) -> jax.sharding.PartitionSpec:
+    """The mesh layout of an activation of `shape` with logical axis `names`: rules tried in
+    order, a mesh axis used at most once; a dimension the assigned mesh axes do not divide stays
+    unsharded (e.g. 12 heads on tensor=8, or a batch of 1 while decoding)."""
+    if len(names) != len(shape):
+        raise ValueError(f"constrain: {len(names)} axis names {tuple(names)} for an array of shape {tuple(shape)}")
+    axes = nn.logical_to_mesh_axes(tuple(names), rules)
+    dims = []
+    for size, a in zip(shape, tuple(axes) + (None,) * (len(shape) - len(axes))):
+        group = () if a is None else (a if isinstance(a, tuple) else (a,))
+        ways = 1
+        for m in group:
+            ways *= mesh.shape[m]
+        dims.append(a if group and size % ways == 0 else None)
+    return jax.sharding.PartitionSpec(*dims)
+
+
 def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:
-    """Logical sharding constraint on an activation; a no-op outside a mesh/rules context."""
-    return nn.with_logical_constraint(x, tuple(names))
+    """Logical sharding constraint on an activation (`names`: one logical axis name or None per
+    dimension). Takes effect inside `activation_sharding(mesh, rules)`; a no-op outside it."""
+    ctx = _ACTIVATION_SHARDING.get()
+    if ctx is None:
+        return x
+    mesh, rules = ctx
+    if mesh.size == 1:
+        return x
+    spec = activation_spec(x.shape, names, mesh, rules)
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))

@@ -35,6 +35,8 @@ class SpeechVerseConfig:
     lora: Optional[LoRAConfig] = None
     dtype: str = "float32"  # compute dtype
     frozen_param_dtype: str = "float32"  # storage of WavLM / T5 weights
+    scan_layers: bool = False  # nn.scan over identical WavLM / T5 layers (params on a leading `layers` axis)
+    remat: str = "none"  # per T5 block: none | full | dots_saveable | dots_with_no_batch_dims_saveable
 
     def __post_init__(self):
         if self.layer_combination not in LAYER_COMBINATIONS:
@@ -45,6 +47,9 @@ class SpeechVerseConfig:
             raise ValueError(f"model.downsampler.strides must be positive integers, got {self.downsample_strides}")
         if self.downsample_kernel < 1 or self.downsample_kernel % 2 != 1:
             raise ValueError(f"model.downsampler.kernel_size must be a positive odd number, got {self.downsample_kernel}")
+        from speechverse_jax.models.layers import remat_policy
+
+        remat_policy(self.remat)  # raises on an unknown name
         for field in ("dtype", "frozen_param_dtype"):
             if getattr(self, field) not in DTYPES:
                 raise ValueError(f"model.{field} must be one of {sorted(DTYPES)}, got {getattr(self, field)!r}")
@@ -64,7 +69,8 @@ class SpeechVerseConfig:
 def speechverse_t5(cfg: SpeechVerseConfig) -> T5:
     """The T5 of `SpeechVerse(cfg)` (same LoRA and dtypes): the one place it is built, so
     generation can run it alone on `params['t5']`."""
-    return T5(cfg.t5, lora=cfg.lora, dtype=cfg.compute_dtype, param_dtype=DTYPES[cfg.frozen_param_dtype])
+    return T5(cfg.t5, lora=cfg.lora, dtype=cfg.compute_dtype, param_dtype=DTYPES[cfg.frozen_param_dtype],
+              scan_layers=cfg.scan_layers, remat=cfg.remat)
 
 
 class AudioEmbeddings(NamedTuple):
@@ -102,7 +108,7 @@ class SpeechVerse(nn.Module):
     def setup(self):
         cfg = self.cfg
         dtype, frozen = cfg.compute_dtype, DTYPES[cfg.frozen_param_dtype]
-        self.wavlm = WavLM(cfg.wavlm, dtype=dtype, param_dtype=frozen)
+        self.wavlm = WavLM(cfg.wavlm, dtype=dtype, param_dtype=frozen, scan_layers=cfg.scan_layers)
         self.layer_weights = LayerCombination(cfg.layer_combination, dtype=dtype)
         self.downsampler = Downsampler(
             features=cfg.t5.d_model, strides=tuple(cfg.downsample_strides),

@@ -28,10 +28,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from speechverse_jax.models.layers import Dense, Dtype, LoRAConfig, constrain
+from speechverse_jax.models.layers import Dense, Dtype, LoRAConfig, constrain, layer_class
 
 FEED_FORWARD_PROJ = ("relu", "gated-gelu")
 ACT = ("batch", "length", "embed")
+CACHE_AXES = ("batch", "heads", "length", None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,14 +313,20 @@ def expand_cache(cache: Dict[str, Any], num_beams: int) -> Dict[str, Any]:
     """
     if num_beams == 1:
         return cache
-    b, length = cache["index"].shape[0], cache["block_0"]["self_k"].shape[2]
+    b, length = cache["index"].shape[0], cache_length(cache)
     out = dict(cache, index=jnp.repeat(cache["index"], num_beams, axis=0),
                slots=jnp.zeros((b * num_beams, length), jnp.int32))
     for name, layer in cache.items():
-        if name.startswith("block_"):
-            out[name] = dict(layer, self_k=jnp.tile(layer["self_k"], (1, 1, num_beams, 1)),
-                             self_v=jnp.tile(layer["self_v"], (1, 1, num_beams, 1)))
+        if name.startswith("block_") or name == "blocks":  # scanned: [layers, b, heads, L, d_kv]
+            reps = (1,) * (layer["self_k"].ndim - 2) + (num_beams, 1)
+            out[name] = dict(layer, self_k=jnp.tile(layer["self_k"], reps), self_v=jnp.tile(layer["self_v"], reps))
     return out
+
+
+def cache_length(cache: Dict[str, Any]) -> int:
+    """Positions per decoder row block of a cache (its self-attention keys' length axis)."""
+    layer = cache["blocks"] if "blocks" in cache else cache["block_0"]
+    return layer["self_k"].shape[-2]
 
 
 def reorder_cache(cache: Dict[str, Any], rows: jax.Array) -> Dict[str, Any]:
@@ -328,11 +335,14 @@ def reorder_cache(cache: Dict[str, Any], rows: jax.Array) -> Dict[str, Any]:
     For an `expand_cache` cache the source row must be a beam of the same example; only `slots`
     and `index` are gathered. For a cache with one row per example every leaf is gathered.
     """
-    def take(x):
-        return jnp.take(x, rows, axis=0)
+    def take(x, axis=0):
+        return jnp.take(x, rows, axis=axis)
 
     if "slots" not in cache:
-        return jax.tree_util.tree_map(take, cache)
+        out = jax.tree_util.tree_map(take, {k: v for k, v in cache.items() if k != "blocks"})
+        if "blocks" in cache:  # scanned layout: the layer axis first, then the batch
+            out["blocks"] = jax.tree_util.tree_map(lambda x: take(x, 1), cache["blocks"])
+        return out
     return dict(cache, slots=take(cache["slots"]), index=take(cache["index"]))
 
 
@@ -394,14 +404,43 @@ class Block(nn.Module):
         return constrain(x, ACT), dict(layer_cache, self_k=k, self_v=v)
 
 
+class LayerBlock(Block):
+    """A `Block` behind one signature for `nn.scan` / `nn.remat`:
+    `(carry, xs, consts, mode, deterministic) -> (carry, ys)`, `mode` a static tuple:
+
+      ("full",):        carry x `[b, t, d]`; consts (self_bias, self_mask, enc, cross_mask); ys None
+      ("cross_kv",):    carry unused; consts (enc,); ys the head-major cross keys/values
+      ("step", length): carry x `[n, 1, d]`; xs the layer's cache; consts (index, self_bias,
+                        self_mask, cross_mask); ys the layer's updated cache
+    """
+
+    def __call__(self, x, xs, consts, mode, deterministic: bool = True):
+        if mode[0] == "full":
+            return super().__call__(x, *consts, deterministic=deterministic), None
+        if mode[0] == "cross_kv":
+            return x, self.cross_kv(consts[0])
+        if mode[0] == "step":
+            index, self_bias, self_mask, cross_mask = consts
+            return self.step(x, xs, index, mode[1], self_bias, self_mask, cross_mask, deterministic)
+        raise ValueError(f"t5 block: unknown mode {mode!r}")
+
+
 class Stack(nn.Module):
-    """Encoder (bidirectional) or decoder (causal, with cross-attention) stack."""
+    """Encoder (bidirectional) or decoder (causal, with cross-attention) stack.
+
+    `scan_layers`: the blocks run under `nn.scan`, params stacked on a leading `layers` axis
+    (`blocks/...` instead of `block_{i}/...`; `models/scan_layout.py` converts between the two).
+    The relative-position bias lives in the stack, not in block 0, so every block is identical.
+    `remat`: a `model.remat` policy name applied to each block.
+    """
 
     cfg: T5Config
     is_decoder: bool = False
     lora: Optional[LoRAConfig] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    scan_layers: bool = False
+    remat: str = "none"
 
     @property
     def num_blocks(self) -> int:
@@ -414,14 +453,32 @@ class Stack(nn.Module):
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), ("relpos_buckets", None)),
             dtype=jnp.float32, param_dtype=self.param_dtype,
         )
-        for i in range(self.num_blocks):
-            setattr(self, f"block_{i}", Block(cfg, self.is_decoder, lora=self.lora, dtype=self.dtype,
-                                              param_dtype=self.param_dtype))
+        kw = dict(lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype)
+        cls = layer_class(LayerBlock, self.remat, static_argnums=(4, 5), scanned=self.scan_layers)
+        if self.scan_layers:
+            self.blocks = nn.scan(
+                cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=self.num_blocks,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, self.is_decoder, **kw)
+        else:
+            for i in range(self.num_blocks):
+                setattr(self, f"block_{i}", cls(cfg, self.is_decoder, **kw))
         self.final_norm = RMSNorm(cfg.layer_norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype)
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
-    def blocks(self):
+    def block_list(self):
         return [getattr(self, f"block_{i}") for i in range(self.num_blocks)]
+
+    def _run(self, x, caches, consts, mode, deterministic):
+        """Every block in turn (scanned or unrolled); caches / ys: stacked, or a list per block."""
+        if self.scan_layers:
+            return self.blocks(x, caches, consts, mode, deterministic)
+        ys = []
+        for i, block in enumerate(self.block_list()):
+            x, y = block(x, None if caches is None else caches[i], consts, mode, deterministic)
+            ys.append(y)
+        return x, ys
 
     def _bias(self, relative_position: jax.Array) -> jax.Array:
         """relative positions `[..., q, k]` -> bias `[..., heads, q, k]` (float32)."""
@@ -442,24 +499,28 @@ class Stack(nn.Module):
         if self.is_decoder:
             self_mask = self_mask & (pos[None, :] <= pos[:, None])[None, None]
             cross_mask = enc_mask.astype(bool)[:, None, None, :]
-        for block in self.blocks():
-            x = block(x, bias, self_mask, enc, cross_mask, deterministic)
+        x, _ = self._run(x, None, (bias, self_mask, enc, cross_mask), ("full",), deterministic)
         x = self.final_norm(x)
         return constrain(self.dropout(x, deterministic=deterministic), ACT)
 
     def init_cache(self, enc: jax.Array, enc_mask: jax.Array, max_length: int) -> Dict[str, Any]:
         b = enc.shape[0]
         h, dk = self.cfg.num_heads, self.cfg.d_kv
-        axes = ("batch", "heads", "length", None)
         cache: Dict[str, Any] = {"index": jnp.zeros((b,), jnp.int32), "encoder_mask": enc_mask.astype(bool)}
-        for i, block in enumerate(self.blocks()):
-            ck, cv = block.cross_kv(enc.astype(self.dtype))
+        _, kv = self._run(jnp.zeros((), self.dtype), None, (enc.astype(self.dtype),), ("cross_kv",), True)
+        if self.scan_layers:  # every leaf [layers, b, heads, length, d_kv]
+            axes = ("layers",) + CACHE_AXES
+            zeros = jnp.zeros((self.num_blocks, b, h, max_length, dk), self.dtype)
+            cache["blocks"] = {"self_k": constrain(zeros, axes), "self_v": constrain(zeros, axes),
+                               "cross_k": constrain(kv[0], axes), "cross_v": constrain(kv[1], axes)}
+            return cache
+        for i, (ck, cv) in enumerate(kv):
             zeros = jnp.zeros((b, h, max_length, dk), self.dtype)
             cache[f"block_{i}"] = {
-                "self_k": constrain(zeros, axes),
-                "self_v": constrain(zeros, axes),
-                "cross_k": constrain(ck, axes),
-                "cross_v": constrain(cv, axes),
+                "self_k": constrain(zeros, CACHE_AXES),
+                "self_v": constrain(zeros, CACHE_AXES),
+                "cross_k": constrain(ck, CACHE_AXES),
+                "cross_v": constrain(cv, CACHE_AXES),
             }
         return cache
 
@@ -475,7 +536,7 @@ class Stack(nn.Module):
         r = n // g
         if r * g != n or (r > 1) != ("slots" in cache):
             raise ValueError(f"t5 decode_step: {n} rows for a cache of {g} examples needs expand_cache")
-        length = cache["block_0"]["self_k"].shape[2] // r
+        length = cache_length(cache) // r
         x = self.dropout(x.astype(self.dtype), deterministic=deterministic)
         keys = jnp.arange(length)
         # the relative-position bias of the single new query row only
@@ -495,9 +556,13 @@ class Stack(nn.Module):
             self_mask = (own & causal[:, :, :, None, :]).reshape(g, 1, r, r * length)
             bias = jnp.tile(bias, (1, 1, 1, r))
         cross_mask = cache["encoder_mask"][:, None, None, :]
-        for i, block in enumerate(self.blocks()):
-            x, new_cache[f"block_{i}"] = block.step(x, cache[f"block_{i}"], index, length, bias, self_mask,
-                                                    cross_mask, deterministic)
+        consts = (index, bias, self_mask, cross_mask)
+        if self.scan_layers:
+            x, new_cache["blocks"] = self.blocks(x, cache["blocks"], consts, ("step", length), deterministic)
+        else:
+            x, layers = self._run(x, [cache[f"block_{i}"] for i in range(self.num_blocks)], consts,
+                                  ("step", length), deterministic)
+            new_cache.update({f"block_{i}": layer for i, layer in enumerate(layers)})
         x = self.final_norm(x)
         return self.dropout(x, deterministic=deterministic), new_cache
 
@@ -510,6 +575,8 @@ class T5(nn.Module):
     lora: Optional[LoRAConfig] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    scan_layers: bool = False  # see `Stack`
+    remat: str = "none"
 
     def setup(self):
         cfg = self.cfg
@@ -519,8 +586,9 @@ class T5(nn.Module):
             dtype=self.dtype, param_dtype=self.param_dtype,
         )
         kw = dict(lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype)
-        self.encoder = Stack(cfg, is_decoder=False, **kw)
-        self.decoder = Stack(cfg, is_decoder=True, **kw)
+        stack_kw = dict(kw, scan_layers=self.scan_layers, remat=self.remat)
+        self.encoder = Stack(cfg, is_decoder=False, **stack_kw)
+        self.decoder = Stack(cfg, is_decoder=True, **stack_kw)
         if not cfg.tie_word_embeddings:
             self.lm_head = Dense(cfg.vocab_size, ("embed", "vocab"), **kw)
 

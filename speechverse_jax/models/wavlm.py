@@ -314,6 +314,7 @@ class EncoderLayer(nn.Module):
     has_relative_position_bias: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    scan_carry: bool = False  # under nn.scan: return (x, x), the hidden state as both carry and output
 
     @nn.compact
     def __call__(self, x, key_mask, position_bias):
@@ -331,15 +332,22 @@ class EncoderLayer(nn.Module):
             a, position_bias = attention(x, key_mask, position_bias)
             x = norm(x + a)
             x = final_norm(x + mlp(x))
-        return constrain(x, ("batch", "length", "embed")), position_bias
+        x = constrain(x, ("batch", "length", "embed"))
+        return (x, x) if self.scan_carry else (x, position_bias)
 
 
 class Encoder(nn.Module):
-    """Positional conv + transformer layers. Returns (hidden states, last_hidden_state)."""
+    """Positional conv + transformer layers. Returns (hidden states, last_hidden_state).
+
+    `scan_layers`: layer 0 (which owns `rel_attn_embed` and computes the position bias) stays
+    `layers_0`; layers 1..L-1 are identical and run under `nn.scan` as `layers/...`, params stacked
+    on a leading `layers` axis (`models/scan_layout.py` converts between the layouts).
+    """
 
     cfg: WavLMConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, frame_mask: jax.Array) -> Tuple[Tuple[jax.Array, ...], jax.Array]:
@@ -351,9 +359,18 @@ class Encoder(nn.Module):
             x = final_norm(x)
         x = constrain(x, ("batch", "length", "embed"))
         states, position_bias = [x], None
-        for i in range(cfg.num_hidden_layers):
-            x, position_bias = EncoderLayer(cfg, i == 0, name=f"layers_{i}", **kw)(x, frame_mask, position_bias)
+        if self.scan_layers and cfg.num_hidden_layers > 1:
+            x, position_bias = EncoderLayer(cfg, True, name="layers_0", **kw)(x, frame_mask, None)
             states.append(x)
+            scanned = nn.scan(EncoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                              in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_hidden_layers - 1,
+                              metadata_params={nn.PARTITION_NAME: "layers"})
+            x, ys = scanned(cfg, False, scan_carry=True, name="layers", **kw)(x, frame_mask, position_bias)
+            states.extend(ys[i] for i in range(cfg.num_hidden_layers - 1))
+        else:
+            for i in range(cfg.num_hidden_layers):
+                x, position_bias = EncoderLayer(cfg, i == 0, name=f"layers_{i}", **kw)(x, frame_mask, position_bias)
+                states.append(x)
         last = final_norm(x) if cfg.do_stable_layer_norm else x
         if cfg.tie_last_hidden_states:
             states[-1] = last
@@ -366,6 +383,7 @@ class WavLM(nn.Module):
     cfg: WavLMConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    scan_layers: bool = False  # see `Encoder`
 
     @nn.compact
     def __call__(self, input_values: jax.Array, attention_mask: Optional[jax.Array] = None) -> WavLMOutput:
@@ -379,5 +397,5 @@ class WavLM(nn.Module):
             lengths = feature_lengths(cfg, jnp.sum(attention_mask.astype(jnp.int32), axis=-1))
             frame_mask = jnp.arange(frames)[None, :] < lengths[:, None]
         x = FeatureProjection(cfg, name="feature_projection", **kw)(features)
-        states, last = Encoder(cfg, name="encoder", **kw)(x, frame_mask)
+        states, last = Encoder(cfg, name="encoder", scan_layers=self.scan_layers, **kw)(x, frame_mask)
         return WavLMOutput(states, frame_mask, last)

@@ -38,6 +38,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from speechverse_jax import tree as tree_lib
 from speechverse_jax import fs, tree
 from speechverse_jax.errors import CheckpointMismatchError, ManifestChangedError, UserError, is_disk_full
 
@@ -299,7 +300,7 @@ def _shape_problems(saved_tree: Any, abstract_state: Any) -> List[str]:
 def usable_steps(directory: str) -> List[int]:
     """Complete steps of a manager folder, newest first, that pass their seal (bad ones set aside)."""
     directory = fs.abs_path(directory)
-    if "://" in directory:
+    if fs.is_remote(directory):
         with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False)) as mgr:
             return sorted(mgr.all_steps(), reverse=True)
     out = []
@@ -337,10 +338,11 @@ def restore(directory: str, abstract_state: Any, step: Optional[int] = None,
             if saved_tree is not None:
                 mismatch = _shape_problems(saved_tree, abstract_state)
                 if mismatch:
-                    raise CheckpointMismatchError(
+                    hint = _layout_hint(directory, s, abstract_state, ValueError("; ".join(mismatch[:3])))
+                    raise CheckpointMismatchError(hint if "scan_layers" in hint else (
                         f"{directory}/{s}: the checkpoint is of another architecture than this config "
                         f"({'; '.join(mismatch[:3])}{'; ...' if len(mismatch) > 3 else ''}); use another run "
-                        "folder, or the config that wrote it")
+                        "folder, or the config that wrote it"))
                 try:
                     out = mgr.restore(s, args=ocp.args.Composite(
                         state=ocp.args.StandardRestore(abstract_state),
@@ -360,6 +362,35 @@ def restore(directory: str, abstract_state: Any, step: Optional[int] = None,
             break
         _set_aside(directory, s, problem)
     raise UserError(f"{directory}: no usable checkpoint ({'; '.join(problems)}); move the folder away to start over")
+
+
+def _layout_hint(directory: str, step: int, abstract_state: Any, error: Exception) -> str:
+    """The message for a restore whose tree does not match: names the layer layout when that is the cause."""
+
+    from speechverse_jax.models.scan_layout import is_scanned
+
+    params = getattr(abstract_state, "params", None)
+    msg = f"{directory} step {step}: the checkpoint does not match this run's state ({type(error).__name__}: {error})"
+    if params is None:
+        return msg
+    want = is_scanned(tree_lib.flatten(params))
+    saved = None
+    try:
+        import glob
+        import json
+
+        files = glob.glob(os.path.join(directory, str(step), "state", "_METADATA"))
+        if files:
+            tree = json.dumps(json.load(open(files[0])))
+            saved = "/blocks" in tree or "'blocks'" in tree or '"blocks"' in tree
+    except Exception:  # the hint is best-effort; the original error is chained
+        saved = None
+    if saved is not None and saved != want:
+        return (f"{directory} step {step} was saved with model.scan_layers={saved} (layers "
+                f"{'stacked' if saved else 'unrolled'}) but this run has model.scan_layers={want}: resume with "
+                f"--config.model.scan_layers={saved}, or start a new stage from it with train.init_from "
+                f"(which converts the layout)")
+    return msg
 
 
 def read_meta(directory: str, step: Optional[int] = None) -> Tuple[int, dict]:

@@ -44,5 +44,6 @@ def train_config(max_steps: int = 10000, lr: float = 1e-3, warmup_steps: int = 1
         ),
         optim=dict(lr=lr, warmup_steps=warmup_steps, total_steps=max_steps, decay="cosine", final_lr_fraction=0.0,
                    b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, clip_norm=1.0),
-        mesh=dict(data=-1, fsdp=1, tensor=1, rules=[list(r) for r in DEFAULT_RULES]),
+        # topology: the TPU topology a slice preset targets (compile-only checks), e.g. "v5e:4x4".
+        mesh=dict(data=-1, fsdp=1, tensor=1, rules=[list(r) for r in DEFAULT_RULES], topology=""),
     ))

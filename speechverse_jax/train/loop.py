@@ -26,6 +26,8 @@ from speechverse_jax import checkpoints as base_ckpt
 from speechverse_jax.models import config as model_cfg_lib
 from speechverse_jax.models import lora as lora_lib
 from speechverse_jax.models.speechverse import SpeechVerse, SpeechVerseConfig, init_params, init_params_subset
+from speechverse_jax.models import scan_layout
+from speechverse_jax.models.layers import with_activation_sharding
 from speechverse_jax.train import checkpoint as ckpt_lib
 from speechverse_jax.train import optimizer as opt_lib
 from speechverse_jax.train import partitioning
@@ -65,6 +67,7 @@ class Setup:
     frozen: Any
     trainable: Any
     param_shardings: Dict[str, Any]  # flat path -> NamedSharding
+    rules: Any = ()  # logical-axis rules (params and activations)
 
 
 def build_setup(config, mesh: Optional[jax.sharding.Mesh] = None, log_fn: Callable = print) -> Setup:
@@ -104,13 +107,15 @@ def build_setup(config, mesh: Optional[jax.sharding.Mesh] = None, log_fn: Callab
                                          out_shardings={k: shardings[k] for k in train_paths}))
     init_from = config.train.init_from
     if init_from:
-        previous = ckpt_lib.load_trainable_params(init_from)
+        # the previous stage may have run with the other layer layout (model.scan_layers)
+        previous = scan_layout.to_layout(ckpt_lib.load_trainable_params(init_from), scan_layout.is_scanned(abstract))
         trainable, grafted = lora_lib.graft_lora(previous, trainable, where=f"train.init_from={init_from}")
         for k in previous:
             trainable[k] = jax.device_put(np.asarray(previous[k], abstract[k].dtype), shardings[k])
         log_fn(f"initialised from {init_from}: {len(previous)} params restored, {len(grafted)} new "
                f"({'LoRA grafted with b = 0' if any('/lora_' in k for k in grafted) else 'fresh init'})")
-    return Setup(model_cfg, model, mesh, labels, tree_lib.unflatten(frozen), tree_lib.unflatten(trainable), shardings)
+    return Setup(model_cfg, model, mesh, labels, tree_lib.unflatten(frozen), tree_lib.unflatten(trainable), shardings,
+                 rules)
 
 
 def _put_batch(batch: Dict[str, np.ndarray], mesh) -> Dict[str, jax.Array]:
@@ -298,9 +303,11 @@ def train(config, workdir: str, data: TrainData, mesh=None, progress: bool = Tru
         say(f"resumed from {workdir} at step {int(state.step)}")
 
     state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
-    step_fn = jax.jit(make_train_step(setup.model, tx, schedule, n_tasks, int(tcfg.accum_steps)),
+    # activation constraints (models/layers.py `constrain`) take effect inside these traces
+    step_fn = jax.jit(with_activation_sharding(make_train_step(setup.model, tx, schedule, n_tasks,
+                                                               int(tcfg.accum_steps)), setup.mesh, setup.rules),
                       out_shardings=(state_shardings, None), donate_argnums=(0,))
-    eval_fn = jax.jit(make_eval_step(setup.model, n_tasks))
+    eval_fn = jax.jit(with_activation_sharding(make_eval_step(setup.model, n_tasks), setup.mesh, setup.rules))
     writer = MetricsWriter(workdir, tensorboard=bool(tcfg.tensorboard))
 
     def save(step, best=False):

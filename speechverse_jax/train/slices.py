@@ -9,28 +9,31 @@ paper's 768) and `config.train.accum_steps`, so that
     per_device_batch * data * fsdp * accum_steps == global_batch
 
 where `per_device_batch` is the micro-batch one (data, fsdp) shard runs at a time (tensor-parallel
-devices of a shard share its rows). Each preset's numbers come from the memory model below; they
-are estimates, so check a preset before paying for a run:
-`speechverse-jax train --config configs/stage2_multitask.py:wlm,v5e-16 --workdir /tmp/x --compile-only`
-compiles the full-size step for the slice's mesh and prints its memory.
+devices of a shard share its rows).
 
-Memory model (full-size model, bf16 compute and bf16-stored frozen weights):
-  * frozen weights: Flan-T5-XL 5.7 GB + WavLM-Large 0.63 GB = 6.3 GB, divided by `fsdp` (the
-    `embed` axis of every weight is sharded over `fsdp`; one layer is all-gathered at a time).
+The TPU compiler is the source of truth (`--compile-only` compiles for the preset's topology with
+libtpu, no TPU needed; `bench/tpu_presets.py` searches the micro-batch): a preset listed in
+`COMPILER_CHECKED` was derived from that compiler's memory report -- the largest micro-batch whose
+full-size stage2_multitask step, at the largest bucket shapes of the data config (30 s audio, a
+512-token instruction, 600 target tokens), peaks under USABLE_FRACTION of HBM -- and its report is
+committed as bench/results/compile_<preset>.json (tests/test_tpu_compile.py checks it against the
+preset). The others still rest on the memory model below; check one before paying for a run:
+`speechverse-jax train --config configs/stage2_multitask.py:wlm,v6e-8 --workdir /tmp/x --compile-only`.
+
+Memory model (full-size model, bf16 compute and bf16-stored frozen weights, scanned layers and
+`model.remat=full` as the paper configs set them), fitted to the v5e-16 TPU compiles:
+  * frozen weights: Flan-T5-XL 5.7 GB + WavLM-Large 0.63 GB = 6.3 GB, divided by `fsdp`.
   * trainable state: 28.3M float32 params + AdamW m, v + gradients + the accumulation carry
     = 5 x 113 MB, about 0.6 GB (replicated: small enough not to matter).
-  * activations: nothing in the model is rematerialised, so the backward pass keeps every T5
-    layer's residuals (WavLM is frozen and sits before the trainable downsampler, so its
-    activations are transient; the "weighted" layout keeps its 25 layer outputs, 0.08 GB). At the largest shape the default data config compiles in
-    practice -- 30 s audio (375 encoder frames after the 4x downsampler) + a 256-token
-    instruction, 128 target tokens -- the 24 encoder layers keep about 170 KB per token (q/k/v,
-    32-head attention probabilities, the 5120-wide gated FFN, norms, dropout masks) and the 24
-    decoder layers about 200 KB per token: about ACTIVATION_GB_PER_EXAMPLE = 3.3 GB per example.
-    Typical buckets (<= 15 s audio, 64-token instructions) need under half of that.
-  * headroom: 1 GB for all-gather buffers, XLA scratch and fragmentation.
-A preset's micro-batch keeps that sum under USABLE_FRACTION of the device's memory. Rows that need
-the 512-token instruction or 600-token target buckets take up to 5 GB each: for data that
-reaches them, halve `per_device_batch` (double `accum_steps`) or check with --compile-only.
+  * activations: with each T5 block rematerialised only its input is kept for the backward
+    pass; the frozen WavLM keeps nothing (stop_gradient). The TPU compiler's temporaries grow by
+    about 0.48 GB per micro-batch row at the largest buckets (v5e-16: 2.36 GB at 2 rows, 5.08 GB at 8,
+    8.77 GB at 16, 12.96 GB at 24):
+    ACTIVATION_GB_PER_EXAMPLE. (Without remat it was about 3.3 GB per row at 30 s audio and
+    256 + 128 tokens, and the v5e-16 step did not fit at 2 rows: 24.25G of temporaries.)
+  * headroom: 1.5 GB for the gathered layer weights, the recomputed block, XLA scratch (the
+    compiled temporaries at zero rows, extrapolated).
+A preset's micro-batch keeps that sum under USABLE_FRACTION of the device's memory.
 """
 
 from __future__ import annotations
@@ -42,8 +45,8 @@ PAPER_GLOBAL_BATCH = 768
 
 FROZEN_GB = 5.7 + 0.63  # Flan-T5-XL + WavLM-Large, bf16
 TRAINABLE_STATE_GB = 0.6  # 28.3M f32 params, AdamW m and v, grads, accumulation carry
-ACTIVATION_GB_PER_EXAMPLE = 3.3  # see the module docstring (30 s audio, 256 + 128 tokens)
-HEADROOM_GB = 1.0
+ACTIVATION_GB_PER_EXAMPLE = 0.48  # remat=full, largest buckets; fitted to TPU compiles (module docstring)
+HEADROOM_GB = 1.5
 USABLE_FRACTION = 0.9  # of the nominal HBM (runtime reservations; XLA_CLIENT_MEM_FRACTION=0.9 on GPU)
 
 
@@ -61,6 +64,7 @@ class SlicePreset:
     per_device_batch: int  # micro-batch rows per (data, fsdp) shard
     accum_steps: int
     why: str
+    topology: str = ""  # libtpu topology name for deviceless compile-only checks (aot.py), "" off TPU
 
     @property
     def global_batch(self) -> int:
@@ -85,20 +89,26 @@ PRESETS: Dict[str, SlicePreset] = {p.name: p for p in (
             "x 4 data replicas; same 6-row micro-batch as v4-8; 768 / (16 x 6) = 8"),
     SlicePreset(
         "v5e-16", "v5litepod-16", "v2-alpha-tpuv5-lite", devices=16, hosts=4, hbm_gb=16.0,
-        data=1, fsdp=16, tensor=1, per_device_batch=2, accum_steps=24,
-        why="16 GB/chip is the constraint: replicated weights (6.3 GB) leave room for 1 row, so "
-            "FSDP-16 over the whole slice (0.4 GB/chip, gathers on ICI) and 2 rows (8.6 GB est.; "
-            "4 rows would be 15 GB); 768 / (16 x 2) = 24"),
+        data=1, fsdp=16, tensor=1, per_device_batch=24, accum_steps=2,
+        topology="v5e:4x4",
+        why="16 GB/chip: FSDP-16 over the whole slice (0.4 GB/chip of frozen weights, gathers on ICI); "
+            "with scanned, rematerialised T5 blocks the TPU compiler fits 24 rows at the largest buckets "
+            "in 12.87 GiB (86% of 16 GB; bench/results/compile_v5e-16.json; 48 rows would not fit), and "
+            "768 / (16 x 24) = 2 micro-steps, 12x fewer weight all-gathers than the 2-row preset needed "
+            "without remat"),
     SlicePreset(
         "v5p-32", "v5p-32", "v2-alpha-tpuv5", devices=16, hosts=4, hbm_gb=95.0,
         data=16, fsdp=1, tensor=1, per_device_batch=16, accum_steps=3,
+        topology="v5p:2x2x4",
         why="95 GB/chip: replicate the frozen weights (no per-micro-step all-gathers) and run 16 "
             "rows (60 GB est.); 768 / (16 x 16) = 3"),
     SlicePreset(
         "v6e-8", "v6e-8", "v2-alpha-tpuv6e", devices=8, hosts=1, hbm_gb=32.0,
-        data=1, fsdp=8, tensor=1, per_device_batch=6, accum_steps=16,
-        why="8 chips x 32 GB on one host: FSDP-8 (0.8 GB/chip of weights) and 6 rows (22 GB est.); "
-            "768 / (8 x 6) = 16"),
+        data=1, fsdp=8, tensor=1, per_device_batch=32, accum_steps=3,
+        topology="v6e:2x4",
+        why="8 chips x 32 GB on one host: FSDP-8 (0.8 GB/chip of weights); the TPU compiler fits 32 rows "
+            "at the largest buckets in 19.45 GiB (65% of 32 GB; "
+            "bench/results/compile_v6e-8.json; 48 rows peak at 94%); 768 / (8 x 32) = 3"),
     SlicePreset(
         "gpu-8xh100", "8x NVIDIA H100 80GB (one node)", "", devices=8, hosts=1, hbm_gb=80.0,
         data=8, fsdp=1, tensor=1, per_device_batch=16, accum_steps=6,
@@ -110,6 +120,10 @@ PRESETS: Dict[str, SlicePreset] = {p.name: p for p in (
         why="rehearsal of the sharding code on one machine with "
             "XLA_FLAGS=--xla_force_host_platform_device_count=8: every mesh axis > 1; memory is host RAM"),
 )}
+
+
+# Presets whose micro-batch comes from the TPU compiler's memory report (committed under bench/results/).
+COMPILER_CHECKED = {"v5e-16": "bench/results/compile_v5e-16.json", "v6e-8": "bench/results/compile_v6e-8.json"}
 
 
 def get(name: str) -> SlicePreset:
@@ -133,6 +147,7 @@ def apply_slice(config, name: str, global_batch: Optional[int] = None):
     config.mesh.tensor = p.tensor
     config.data.batch_size = batch
     config.train.accum_steps = batch // (shards * p.per_device_batch)
+    config.mesh.topology = p.topology
     return config
 
 
