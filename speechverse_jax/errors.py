@@ -24,7 +24,7 @@ class UserError(Exception):
     """Raised where the fix is the user's; the message is complete and names the file / flag / field."""
 
 
-class CheckpointMismatchError(UserError):
+class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint written by another model architecture (or another config) than the one asked for."""
 
 
