@@ -19,7 +19,7 @@ from speechverse_jax.errors import UserError, run_cli
 USAGE = """usage: speechverse-jax COMMAND [--config NAME[:arg] | --config FILE.py[:arg]] [--config.a.b=value ...] [flags]
 
 commands (default config in brackets; `speechverse-jax COMMAND --help` lists its fields):
-  convert     [convert]   HF WavLM + T5 folders -> one converted base checkpoint
+  convert     [convert]   HF WavLM + T5 (--t5) or decoder-only LLM (--llm) folders -> one base checkpoint
   prepare     [prepare]   manifests for a public corpus: prepare DATASET SRC OUT [--option KEY=VALUE]
   train       (required)  run one training stage; --workdir DIR
   curriculum  (required)  run the curriculum stages in order; --workdir DIR
@@ -337,8 +337,12 @@ COMMANDS = {"convert": _convert, "prepare": _prepare, "train": _train, "curricul
 
 def parse(argv: Sequence[str]):
     """argv (without the program name) -> (command, config, command flags, positionals)."""
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        raise UsageError(USAGE) if not argv else SystemExit(print(USAGE) or 0)
+    if not argv:
+        print(USAGE, file=sys.stderr)
+        raise SystemExit(2)
+    if argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        raise SystemExit(0)
     command, rest = argv[0], list(argv[1:])
     if command not in COMMANDS:
         raise UsageError(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
