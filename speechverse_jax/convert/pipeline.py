@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import jax
 import ml_dtypes
@@ -25,6 +26,29 @@ def _count(tree) -> int:
     return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(tree)))
 
 
+@dataclasses.dataclass(frozen=True)
+class LLMSource:
+    """How one kind of LLM folder converts: `key` in the base folder ('t5' | 'llm'), the converter,
+    the HF checker (imported lazily: it needs torch), the tokenizer files to carry over, and the
+    files whose presence means a usable tokenizer."""
+
+    key: str
+    convert: Callable
+    verify: Callable[[], Callable]
+    tokenizer_files: Callable[[str], Sequence[str]]
+    tokenizer_markers: Tuple[str, ...]
+    metadata: Dict = dataclasses.field(default_factory=dict)
+
+
+def _verify_t5():
+    from speechverse_jax.convert.verify import verify_t5
+
+    return verify_t5
+
+
+T5_SOURCE = LLMSource("t5", convert_t5, _verify_t5, tokenizer_files, ("spiece.model", "tokenizer.json"))
+
+
 def convert_checkpoints(
     wavlm_dir: str,
     t5_dir: str,
@@ -35,10 +59,15 @@ def convert_checkpoints(
     overwrite: bool = False,
     tolerance: float = 1e-4,
 ) -> Dict:
-    """Convert, optionally verify against HF PyTorch in float32, then save in `dtype`.
+    """HF WavLM + T5 folders: convert, optionally verify against HF PyTorch in float32, then save in
+    `dtype`. Returns the report dict. When verification fails nothing is written to `out_dir`."""
+    return convert_base(wavlm_dir, t5_dir, T5_SOURCE, out_dir, dtype, verify, report_path, overwrite, tolerance)
 
-    Returns the report dict. When verification fails nothing is written to `out_dir`.
-    """
+
+def convert_base(wavlm_dir: str, llm_dir: str, source: LLMSource, out_dir: str, dtype: str = "float32",
+                 verify: bool = False, report_path: Optional[str] = None, overwrite: bool = False,
+                 tolerance: float = 1e-4) -> Dict:
+    """WavLM + an LLM of kind `source` -> one base folder (the shared path of every `convert`)."""
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
     if fs.exists(out_dir) and not overwrite:
@@ -46,18 +75,20 @@ def convert_checkpoints(
     t0 = time.time()
     report: Dict = {"out": str(out_dir), "dtype": dtype}
     parts = {}
-    for name, folder, fn in (("wavlm", wavlm_dir, convert_wavlm), ("t5", t5_dir, convert_t5)):
+    for name, folder, fn in (("wavlm", wavlm_dir, convert_wavlm), (source.key, llm_dir, source.convert)):
         ckpt = HFCheckpoint(folder)
         cfg, params = fn(ckpt, dtype=np.float32)
         parts[name] = (cfg, params)
         report[name] = {"source": str(folder), "format": ckpt.weights_format, "params": _count(params)}
         print(f"converted {name}: {folder} ({ckpt.weights_format}), {_count(params):,} params")
+    if hasattr(parts[source.key][0], "family"):
+        report[source.key]["family"] = parts[source.key][0].family
 
     if verify:
         from speechverse_jax.convert import verify as verify_lib
 
         results = verify_lib.verify_wavlm(wavlm_dir, *parts["wavlm"], tolerance=tolerance)
-        results += verify_lib.verify_t5(t5_dir, *parts["t5"], tolerance=tolerance)
+        results += source.verify()(llm_dir, *parts[source.key], tolerance=tolerance)
         report["verify"] = {"tolerance": tolerance, "compared_in": "float32",
                             "passed": all(r["ok"] for r in results), "results": results}
         _print_verify_table(results)
@@ -69,11 +100,12 @@ def convert_checkpoints(
 
     storage = STORAGE_DTYPES[dtype]
     params = {name: jax.tree_util.tree_map(lambda x: np.asarray(x).astype(storage), p) for name, (_, p) in parts.items()}
-    extra = tuple(tokenizer_files(t5_dir))
-    if not any(f.endswith(("spiece.model", "tokenizer.json")) for f in extra):
-        print(f"note: no tokenizer files in {t5_dir}; training and inference need one in {out_dir}")
-    metadata = {"dtype": dtype, "source": {"wavlm": str(wavlm_dir), "t5": str(t5_dir)}}
-    checkpoints.save_base(out_dir, parts["wavlm"][0], parts["t5"][0], params, extra, metadata, overwrite)
+    extra = tuple(source.tokenizer_files(llm_dir))
+    if not any(f.endswith(source.tokenizer_markers) for f in extra):
+        print(f"note: no tokenizer files in {llm_dir}; training and inference need one in {out_dir}")
+    metadata = {"dtype": dtype, **source.metadata, "source": {"wavlm": str(wavlm_dir), source.key: str(llm_dir)}}
+    checkpoints.save_base(out_dir, parts["wavlm"][0], parts[source.key][0], params, extra, metadata, overwrite,
+                          llm_key=source.key)
     if verify:
         fs.write_text(f"{out_dir}/verify_report.json", json.dumps(report, indent=2))
     print(f"wrote {out_dir} in {time.time() - t0:.1f}s")

@@ -12,17 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from typing import Dict, Optional, Tuple
-
-import jax
-import numpy as np
 
 from speechverse_jax import checkpoints, fs
 from speechverse_jax.convert.decoder_lm import convert_decoder_lm
-from speechverse_jax.convert.hf_io import HFCheckpoint, tokenizer_files
-from speechverse_jax.convert.pipeline import STORAGE_DTYPES, _count, _print_verify_table
-from speechverse_jax.convert.wavlm import convert_wavlm
+from speechverse_jax.convert.hf_io import tokenizer_files
+from speechverse_jax.convert.pipeline import LLMSource, convert_base
 from speechverse_jax.models.decoder_lm import DecoderLMConfig
 from speechverse_jax.models.wavlm import WavLMConfig
 
@@ -30,56 +25,27 @@ from speechverse_jax.models.wavlm import WavLMConfig
 EXTRA_TOKENIZER_FILES = ("chat_template.jinja", "chat_template.json", "tokenizer.model")
 
 
+def _verify_decoder_lm():
+    from speechverse_jax.convert.verify_decoder_lm import verify_decoder_lm
+
+    return verify_decoder_lm
+
+
+def _tokenizer_files(llm_dir: str):
+    return tuple(tokenizer_files(llm_dir)) + tuple(
+        os.path.join(llm_dir, f) for f in EXTRA_TOKENIZER_FILES if fs.exists(os.path.join(llm_dir, f)))
+
+
+DECODER_SOURCE = LLMSource("llm", convert_decoder_lm, _verify_decoder_lm, _tokenizer_files,
+                           ("tokenizer.json", "tokenizer.model"), {"llm_type": "decoder"})
+
+
 def convert_decoder_checkpoints(wavlm_dir: str, llm_dir: str, out_dir: str, dtype: str = "float32",
                                 verify: bool = False, report_path: Optional[str] = None, overwrite: bool = False,
                                 tolerance: float = 1e-4) -> Dict:
-    """Convert, optionally verify against HF PyTorch in float32, then save in `dtype`.
-
-    Returns the report dict; when verification fails nothing is written to `out_dir`.
-    """
-    if dtype not in STORAGE_DTYPES:
-        raise ValueError(f"--dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
-    if fs.exists(out_dir) and not overwrite:
-        raise checkpoints.BaseCheckpointError(f"{out_dir} exists; pass --overwrite to replace it")
-    t0 = time.time()
-    report: Dict = {"out": str(out_dir), "dtype": dtype}
-    parts = {}
-    for name, folder, fn in (("wavlm", wavlm_dir, convert_wavlm), ("llm", llm_dir, convert_decoder_lm)):
-        ckpt = HFCheckpoint(folder)
-        cfg, params = fn(ckpt, dtype=np.float32)
-        parts[name] = (cfg, params)
-        report[name] = {"source": str(folder), "format": ckpt.weights_format, "params": _count(params)}
-        print(f"converted {name}: {folder} ({ckpt.weights_format}), {_count(params):,} params")
-    report["llm"]["family"] = parts["llm"][0].family
-
-    if verify:
-        from speechverse_jax.convert import verify as verify_lib
-        from speechverse_jax.convert.verify_decoder_lm import verify_decoder_lm
-
-        results = verify_lib.verify_wavlm(wavlm_dir, *parts["wavlm"], tolerance=tolerance)
-        results += verify_decoder_lm(llm_dir, *parts["llm"], tolerance=tolerance)
-        report["verify"] = {"tolerance": tolerance, "compared_in": "float32",
-                            "passed": all(r["ok"] for r in results), "results": results}
-        _print_verify_table(results)
-
-    if report_path:
-        fs.write_text(report_path, json.dumps(report, indent=2))
-    if verify and not report["verify"]["passed"]:
-        return report
-
-    storage = STORAGE_DTYPES[dtype]
-    params = {name: jax.tree_util.tree_map(lambda x: np.asarray(x).astype(storage), p) for name, (_, p) in parts.items()}
-    extra = tuple(tokenizer_files(llm_dir)) + tuple(
-        os.path.join(llm_dir, f) for f in EXTRA_TOKENIZER_FILES if fs.exists(os.path.join(llm_dir, f)))
-    if not any(f.endswith(("tokenizer.json", "tokenizer.model")) for f in extra):
-        print(f"note: no tokenizer files in {llm_dir}; training and inference need one in {out_dir}")
-    metadata = {"dtype": dtype, "llm_type": "decoder", "source": {"wavlm": str(wavlm_dir), "llm": str(llm_dir)}}
-    checkpoints.save_base(out_dir, parts["wavlm"][0], parts["llm"][0], params, extra, metadata, overwrite,
-                          llm_key="llm")
-    if verify:
-        fs.write_text(f"{out_dir}/verify_report.json", json.dumps(report, indent=2))
-    print(f"wrote {out_dir} in {time.time() - t0:.1f}s")
-    return report
+    """HF WavLM + decoder-only LLM folders: convert, optionally verify against HF PyTorch in float32,
+    then save in `dtype`. Returns the report dict; when verification fails nothing is written."""
+    return convert_base(wavlm_dir, llm_dir, DECODER_SOURCE, out_dir, dtype, verify, report_path, overwrite, tolerance)
 
 
 def load_decoder_model_config(base_dir: str) -> Tuple[WavLMConfig, DecoderLMConfig, dict]:
