@@ -9,15 +9,11 @@ sides use rotate-half.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from typing import List, Optional, Tuple
 
 import numpy as np
-from safetensors.numpy import save_file
 
-from speechverse_jax import tree as tree_lib
 from speechverse_jax.convert.hf_io import CheckpointError, HFCheckpoint
 from speechverse_jax.convert.name_table import Entry, convert, expected_shapes, transpose
 from speechverse_jax.models.decoder_lm import DecoderLMConfig, abstract_params
@@ -111,20 +107,10 @@ def export_decoder_lm(cfg: DecoderLMConfig, params: dict, out_dir: str) -> str:
     Tokenizer files are the caller's. Params with LoRA adapters must be merged first
     (`models.lora.merge_lora`).
     """
-    flat = tree_lib.flatten(params)
-    table = name_table(cfg)
-    tensors = {}
-    for entry in table:
-        if entry.path not in flat:
-            raise KeyError(f"param {entry.path} is missing from the tree being exported")
-        value = np.asarray(flat[entry.path], np.float32)
+    from speechverse_jax.convert.export import write_hf_folder
+
+    def inverse(entry, value):
         name = entry.sources[0] if isinstance(entry.sources[0], str) else entry.sources[0][0]
-        tensors[name] = np.ascontiguousarray(transpose(value) if entry.transform is transpose else value)
-    extra = sorted(set(flat) - {e.path for e in table})
-    if extra:
-        raise KeyError(f"params with no HF name (merge or drop LoRA first?): {extra[:10]}")
-    os.makedirs(out_dir, exist_ok=True)
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(dict(cfg.to_hf(), torch_dtype="float32"), f, indent=2)
-    return out_dir
+        return {name: transpose(value) if entry.transform is transpose else value}
+
+    return write_hf_folder(params, name_table(cfg), dict(cfg.to_hf(), torch_dtype="float32"), out_dir, inverse)

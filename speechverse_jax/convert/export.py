@@ -43,7 +43,9 @@ def _inverse(entry: Entry, value: np.ndarray, cfg) -> Dict[str, np.ndarray]:
     raise NotImplementedError(f"no inverse for the transform of {entry.path}")
 
 
-def _export(params: dict, table, cfg, hf_config: dict, out_dir: str) -> str:
+def write_hf_folder(params: dict, table, hf_config: dict, out_dir: str, inverse) -> str:
+    """`config.json` + float32 `model.safetensors` from our params through a name table;
+    `inverse(entry, value)` -> {HF tensor name: array}. Every param must have an HF name."""
     from speechverse_jax.models.scan_layout import unstack_layers
 
     flat = unstack_layers(tree_lib.flatten(params))  # scanned params export too
@@ -51,7 +53,7 @@ def _export(params: dict, table, cfg, hf_config: dict, out_dir: str) -> str:
     for entry in table:
         if entry.path not in flat:
             raise KeyError(f"param {entry.path} is missing from the tree being exported")
-        for name, value in _inverse(entry, np.asarray(flat[entry.path], np.float32), cfg).items():
+        for name, value in inverse(entry, np.asarray(flat[entry.path], np.float32)).items():
             tensors[name] = np.ascontiguousarray(value, dtype=np.float32)
     extra = sorted(set(flat) - {e.path for e in table})
     if extra:
@@ -66,7 +68,7 @@ def _export(params: dict, table, cfg, hf_config: dict, out_dir: str) -> str:
 def export_wavlm(cfg: WavLMConfig, params: dict, out_dir: str) -> str:
     """Write an HF `WavLMModel` folder."""
     hf = dict(cfg.to_dict(), model_type="wavlm", architectures=["WavLMModel"])
-    return _export(params, wavlm_conv.name_table(cfg), cfg, hf, out_dir)
+    return write_hf_folder(params, wavlm_conv.name_table(cfg), hf, out_dir, lambda e, v: _inverse(e, v, cfg))
 
 
 def export_t5(cfg: T5Config, params: dict, out_dir: str) -> str:
@@ -75,4 +77,4 @@ def export_t5(cfg: T5Config, params: dict, out_dir: str) -> str:
               is_encoder_decoder=True, scale_decoder_outputs=cfg.tie_word_embeddings,
               tie_word_embeddings=cfg.tie_word_embeddings, is_gated_act=cfg.is_gated,
               dense_act_fn="gelu_new" if cfg.is_gated else "relu")
-    return _export(params, t5_conv.name_table(cfg), cfg, hf, out_dir)
+    return write_hf_folder(params, t5_conv.name_table(cfg), hf, out_dir, lambda e, v: _inverse(e, v, cfg))
