@@ -295,6 +295,8 @@ class TextTasks:
                  ic_labels: Dict[str, str], weights: Dict[str, float] = None):
         from speechverse_jax.demo import corpus
 
+        self.held_out = {s.text for fam in families.values() for sp in ("dev", "test") for s in fam.get(sp, ())}
+
         self.asr = list(dict.fromkeys(families["asr"]["train"]))
         self.commands = list(dict.fromkeys(families["commands"]["train"]))
         self.open = list(dict.fromkeys(families["open"]["train"]))
@@ -319,9 +321,14 @@ class TextTasks:
     def one(self, kind: str, rng: np.random.Generator) -> Tuple[str, str]:
         from speechverse_jax.data import tasks
 
-        if kind in ("copy", "copy_random", "copy_stretched"):
-            if kind == "copy_random":
-                text = " ".join(self._pick(self.words, rng) for _ in range(int(rng.integers(2, 13))))
+        if kind in ("copy", "copy_random", "copy_shuffled", "copy_stretched"):
+            if kind == "copy_random":  # word orders no template makes (never a held-out sentence)
+                text = self._word_salad(rng)
+            elif kind == "copy_shuffled":
+                words = self._pick(self._pick((self.asr, self.commands, self.open), rng), rng).text.split()
+                text = " ".join(words[int(i)] for i in rng.permutation(len(words)))
+                if text in self.held_out:
+                    text = self._word_salad(rng)
             else:
                 fam = self._pick((self.asr, self.asr, self.commands, self.open), rng)
                 text = self._pick(fam, rng).text
@@ -338,6 +345,14 @@ class TextTasks:
                 return (f"{s.text} {self._instruction('ic', row, rng, joint=True)}",
                         tasks.format_joint_target("ic", s.text, s.intent))
             return f"{s.text} {self._instruction('ic', row, rng)}", s.intent
+        if kind == "kws_random":  # keyword spotting in a word salad: the answer is in the input alone
+            text = self._word_salad(rng)
+            present = text.split()
+            if rng.random() < 0.5:
+                keyword, answer = self._pick(present, rng), "yes"
+            else:
+                keyword, answer = self._pick([w for w in self.kws_vocab if w not in present], rng), "no"
+            return f"{text} {self._instruction('kws', {'keyword': keyword}, rng)}", answer
         if kind in ("kws", "kwe", "joint"):
             s = self._pick(self.asr, rng)
             if kind == "kws":
@@ -352,6 +367,12 @@ class TextTasks:
             s = self._pick(self.open, rng)
             return f"{s.text} {self._instruction('open', {}, rng)}", s.answer
         raise ValueError(f"TextTasks: unknown kind {kind!r}")
+
+    def _word_salad(self, rng: np.random.Generator) -> str:
+        while True:
+            text = " ".join(self._pick(self.words, rng) for _ in range(int(rng.integers(2, 13))))
+            if text not in self.held_out:
+                return text
 
     def sample(self, rng: np.random.Generator, n: int) -> List[Tuple[str, str]]:
         """`n` pairs of one kind, drawn by `weights`: one kind per batch keeps the padding short

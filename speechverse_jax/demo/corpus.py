@@ -247,21 +247,25 @@ def open_sentences() -> List[Sentence]:
 # Held-out splits
 # --------------------------------------------------------------------------------------------
 
-def split_sentences(sentences: Sequence[Sentence], need: Mapping[str, int], rng: np.random.Generator,
-                    max_share: float = 0.2) -> Dict[str, List[Sentence]]:
-    """Hold out whole sentences: each template gives dev and test their share (at most
-    `max_share` each), train keeps the rest. Each split's list interleaves the templates and,
-    for commands, the intents (cycling the smaller ones), so draws stay balanced."""
+# Share of each template's sentences held out for dev and for test, per family. Fixed (not
+# derived from the corpus sizes), so every corpus of one seed holds out the same sentences and
+# backbones pretrained on that seed's train sentences fit any corpus size of it.
+HELD_OUT_SHARES = {"asr": (0.07, 0.11), "commands": (0.035, 0.055), "open": (0.12, 0.19)}
+
+
+def split_sentences(sentences: Sequence[Sentence], shares: Tuple[float, float],
+                    rng: np.random.Generator) -> Dict[str, List[Sentence]]:
+    """Hold out whole sentences: each template (of 5 or more sentences) gives dev and test their
+    share (`shares` = (dev, test)), train keeps the rest. Each split's list interleaves the
+    templates and, for commands, the intents (cycling the smaller ones), so draws stay balanced."""
     groups: Dict[str, List[Sentence]] = collections.defaultdict(list)
     for s in sentences:
         groups[s.group].append(s)
-    total = len(sentences)
-    shares = {sp: min(max_share, 1.5 * need[sp] / total) for sp in ("dev", "test")}
     parts: Dict[str, Dict[str, List[List[Sentence]]]] = {sp: collections.defaultdict(list) for sp in SPLITS}
     for name in sorted(groups):
         items = [groups[name][i] for i in rng.permutation(len(groups[name]))]
-        k_test = int(np.ceil(shares["test"] * len(items))) if len(items) >= 5 else 0
-        k_dev = int(np.ceil(shares["dev"] * len(items))) if len(items) >= 5 else 0
+        k_test = int(np.ceil(shares[1] * len(items))) if len(items) >= 5 else 0
+        k_dev = int(np.ceil(shares[0] * len(items))) if len(items) >= 5 else 0
         stratum = items[0].intent or name
         parts["test"][stratum].append(items[:k_test])
         parts["dev"][stratum].append(items[k_test:k_test + k_dev])
@@ -417,23 +421,27 @@ def kws_pick(text: str, vocabulary: Sequence[str], positive: bool, rng: np.rando
 # Rendering
 # --------------------------------------------------------------------------------------------
 
-def sentence_families(sizes: Mapping[str, Mapping[str, int]], seed: int = 0) -> Dict[str, Dict[str, List[Sentence]]]:
+def sentence_families(seed: int = 0) -> Dict[str, Dict[str, List[Sentence]]]:
     """{family: {split: sentences}} for the families 'asr', 'commands' and 'open': the held-out
-    split of every template's sentences that the corpus of (sizes, seed) is drawn from. The
-    train lists hold many more sentences than the corpus speaks (text pretraining draws on them;
-    dev and test sentences are never in them)."""
-    sizes = check_sizes(sizes)
+    split (HELD_OUT_SHARES) of every template's sentences. The corpus of any size with this seed
+    draws from it; the train lists hold many more sentences than the corpus speaks (backbone
+    pretraining draws on them; dev and test sentences are never in them)."""
+    makers = {"asr": asr_sentences, "commands": command_sentences, "open": open_sentences}
+    return {name: split_sentences(make(), HELD_OUT_SHARES[name], rng_for(seed, f"split/{name}"))
+            for name, make in makers.items()}
 
-    def need(names):
-        return {sp: sum(sizes[sp][t] for t in names) for sp in SPLITS}
 
-    asr_need = {sp: sum(sizes[sp][t] for t in ("asr", "kws", "kwe", "ac")) + 2 * sizes[sp]["sc"]
-                + sizes[sp]["sns"] for sp in SPLITS}
-    return {
-        "asr": split_sentences(asr_sentences(), asr_need, rng_for(seed, "split/asr")),
-        "commands": split_sentences(command_sentences(), need(("ic", "sf")), rng_for(seed, "split/commands")),
-        "open": split_sentences(open_sentences(), need(("open",)), rng_for(seed, "split/open")),
-    }
+def held_out_sentences(seed: int = 0) -> List[str]:
+    """Every dev and test sentence of the split of `seed`, sorted (nothing pretrained may read them)."""
+    return sorted({s.text for fam in sentence_families(seed).values() for sp in ("dev", "test") for s in fam[sp]})
+
+
+def held_out_fingerprint(seed: int = 0) -> str:
+    """sha256 of `held_out_sentences(seed)`: backbones pretrained for one split record it, and a
+    corpus must have the same one to be evaluated on them."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(held_out_sentences(seed)).encode()).hexdigest()
 
 
 def kws_vocabulary(families: Mapping[str, Mapping[str, Sequence[Sentence]]]) -> List[str]:
@@ -445,7 +453,7 @@ def plan_corpus(sizes: Mapping[str, Mapping[str, int]], seed: int = 0
                 ) -> Dict[str, List[Tuple[Dict[str, Any], Dict[str, Any]]]]:
     """{split: [(row, spec), ...]} for the whole corpus; rows have ids and audio paths, no durations."""
     sizes = check_sizes(sizes)
-    families = sentence_families(sizes, seed)
+    families = sentence_families(seed)
     kws_vocab = kws_vocabulary(families)
     plan = {}
     for split in SPLITS:

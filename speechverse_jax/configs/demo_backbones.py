@@ -1,0 +1,100 @@
+"""The recipe that makes the demo's pretrained backbones (a release artifact, like downloaded weights).
+
+    speechverse-jax demo-backbones --out DIR                     # profile 'full' (about 2 hours on 2 cores)
+    speechverse-jax demo-backbones --profile quick --out DIR     # tiny backbones in a minute or two (tests)
+
+`get_config(profile)`: the held-out split the backbones must never read (`split_seed`), the
+tokenizer, the WavLM (architecture, on-the-fly espeak-ng data, CTC + voice objectives, steps),
+the T5 (architecture, text-task phases, steps), and the quality gates measured on held-out dev
+data. Every field is part of the shipped artifact's MANIFEST.json (`recipe`), and a test checks
+that the shipped manifest equals this config. Why each choice: docs/demo_experiments.md.
+"""
+
+import ml_collections
+
+ACCENTS = ("en-us", "en-gb", "en-gb-scotland", "en-029", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd",
+           "en-us-nyc")  # every espeak-ng English voice (without mbrola)
+# espeak-ng 1.51's voice variants by the gender it gives them ('Mr' is left out: its file name has a space)
+MALE_VARIANTS = (
+    "Alex", "Andy", "AnxiousAndy", "Demonic", "Denis", "Diogo", "Gene", "Gene2", "Henrique", "Hugo", "Jacky", "Lee",
+    "Marco", "Mario", "Michael", "Mike", "Nguyen", "RicishayMax", "RicishayMax2", "RicishayMax3", "Storm", "Tweaky",
+    "UniRobot", "adam", "announcer", "antonio", "benjamin", "boris", "caleb", "croak", "david", "ed", "edward",
+    "edward2", "fast", "grandpa", "gustave", "iven", "iven2", "iven3", "iven4", "john", "kaukovalta", "klatt",
+    "klatt2", "klatt3", "klatt4", "klatt5", "klatt6", "m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "marcelo",
+    "max", "michel", "miguel", "norbert", "pablo", "paul", "pedro", "quincy", "rob", "robert", "robosoft",
+    "robosoft2", "robosoft3", "robosoft4", "robosoft5", "robosoft6", "robosoft7", "robosoft8", "sandro", "shelby",
+    "travis", "victor", "whisper", "zac")
+FEMALE_VARIANTS = ("Alicia", "Andrea", "Annie", "anika", "anikaRobot", "aunty", "belinda", "f1", "f2", "f3", "f4",
+                   "f5", "grandma", "linda", "steph", "steph2", "steph3", "whisperf")
+
+PROFILES = {
+    "full": dict(wavlm_hidden=192, wavlm_layers=4, conv=64, wavlm_steps=6000, wavlm_batch=8,
+                 t5_width=192, t5_layers=3, t5_steps=(1500, 5000), t5_batch=32, vocab=1000,
+                 eval_clips=200, probe_train=400, text_rows=200),
+    "quick": dict(wavlm_hidden=32, wavlm_layers=2, conv=16, wavlm_steps=8, wavlm_batch=4,
+                  t5_width=32, t5_layers=1, t5_steps=(4, 4), t5_batch=8, vocab=200,
+                  eval_clips=8, probe_train=12, text_rows=8),
+}
+
+
+def get_config(profile="full"):
+    profile = profile or "full"
+    if profile not in PROFILES:
+        raise ValueError(f"demo_backbones profile must be one of {sorted(PROFILES)}, got {profile!r}")
+    p = PROFILES[profile]
+    config = ml_collections.ConfigDict()
+    config.profile = profile
+    config.out = "outputs/demo_backbones"
+    config.seed = 0
+    config.split_seed = 0  # the corpus split (demo/corpus.py sentence_families) whose dev/test is held out
+    config.tokenizer = dict(vocab_size=p["vocab"])
+    config.checkpoint_every = 500 if profile == "full" else 4
+
+    h = p["wavlm_hidden"]
+    config.wavlm = dict(
+        model=dict(hidden_size=h, num_hidden_layers=p["wavlm_layers"], num_attention_heads=4,
+                   intermediate_size=h * 8 // 3, conv_dim=[p["conv"]] * 7, conv_kernel=[10, 3, 3, 3, 3, 2, 2],
+                   conv_stride=[5, 2, 2, 2, 2, 2, 2], conv_bias=False, feat_extract_norm="layer",
+                   do_stable_layer_norm=True, num_conv_pos_embeddings=32, num_conv_pos_embedding_groups=8,
+                   num_buckets=64, max_bucket_distance=200),
+        steps=p["wavlm_steps"], batch_size=p["wavlm_batch"], lr=2e-3, warmup_steps=max(p["wavlm_steps"] // 20, 1),
+        # objectives: CTC on characters (what is said) + utterance-level heads on the pooled states of
+        # `aux_layer` (who speaks: the accent, and how many voices / none)
+        aux_layer=p["wavlm_layers"] // 2, accent_weight=0.1, voices_weight=0.1,
+        data=dict(
+            accents=list(ACCENTS), male_variants=list(MALE_VARIANTS), female_variants=list(FEMALE_VARIANTS),
+            kinds=dict(sentence=0.4, word_salad=0.15, shuffled=0.08, two_voices=0.1, one_voice_two=0.07,
+                       overlap=0.1, noise=0.1),
+            speed=(80, 260), pitch=(0, 99), max_word_gap=4, gain=(0.03, 1.0),  # the corpus: 120-190, 30-70, 0-2, 0.3-0.9
+            noise_prob=0.3, snr_db=(5.0, 35.0), overlap_db=(4.0, 12.0),
+            max_seconds=5.0, length_edges_seconds=(2.0, 3.0, 4.0, 5.0),
+            block_size=4 * p["wavlm_batch"],  # clips made together, sorted by length into batches
+        ),
+    )
+    w = p["t5_width"]
+    config.t5 = dict(
+        model=dict(d_model=w, d_kv=w // 4, d_ff=w * 8 // 3, num_layers=p["t5_layers"],
+                   num_decoder_layers=p["t5_layers"], num_heads=4, feed_forward_proj="gated-gelu",
+                   tie_word_embeddings=False, relative_attention_num_buckets=32, relative_attention_max_distance=64,
+                   dropout_rate=0.0),
+        batch_size=p["t5_batch"], lr=2e-3, max_input_tokens=192, max_target_tokens=48,
+        # phases over one optimizer: copying first (the T5 learns to read its input), then the task mix
+        phases=[
+            dict(steps=p["t5_steps"][0], warmup_steps=max(p["t5_steps"][0] // 12, 1),
+                 tasks=dict(copy=0.35, copy_random=0.25, copy_shuffled=0.15, copy_stretched=0.25)),
+            dict(steps=p["t5_steps"][1], warmup_steps=max(p["t5_steps"][1] // 20, 1),
+                 tasks=dict(copy=0.15, copy_random=0.1, copy_shuffled=0.05, copy_stretched=0.1, ic=0.14,
+                            sf=0.13, kws=0.1, kws_random=0.05, kwe=0.09, open=0.04, joint=0.05)),
+        ],
+    )
+    # measured on held-out dev data at the end and written into the manifest; below a gate the
+    # recipe fails (the quick profile's tiny backbones only report them)
+    config.gates = dict(
+        enforce=profile == "full",
+        eval_clips=p["eval_clips"], probe_train_clips=p["probe_train"], text_rows=p["text_rows"],
+        thresholds=dict(
+            encoder_dev_cer=("<=", 3.0), probe_accent=(">=", 95.0), probe_voices=(">=", 95.0),
+            probe_speech=(">=", 99.0), text_copy_wer=("<=", 2.0), text_ic_accuracy=(">=", 98.0),
+            text_sf_slu_f1=(">=", 95.0), text_kws_accuracy=(">=", 98.0), text_kwe_f1=(">=", 95.0)),
+    )
+    return config
