@@ -441,6 +441,21 @@ def kws_vocabulary(families: Mapping[str, Mapping[str, Sequence[Sentence]]]) -> 
     return sorted({w for s in families["asr"]["train"] for w in content_words(s.text)})
 
 
+def held_out_fingerprint(seed: int) -> str:
+    """sha256 (hex) of the dev + test sentences that the full demo corpus of `seed` holds out, every
+    family, sorted and newline-joined: what backbones pretrained on that seed's train sentences
+    never saw. A smaller corpus of the same seed (the quick profile) holds out a subset of them
+    (each template's split takes a prefix of one seeded order), so the seed alone names it."""
+    import hashlib
+
+    from speechverse_jax.configs.demo import CORPUS_SIZES
+
+    # STAND-IN (issue #15): the recipe's branch owns this function; reconcile at merge.
+    families = sentence_families(CORPUS_SIZES["full"], int(seed))
+    texts = sorted(s.text for fam in families.values() for split in ("dev", "test") for s in fam[split])
+    return hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()
+
+
 def plan_corpus(sizes: Mapping[str, Mapping[str, int]], seed: int = 0
                 ) -> Dict[str, List[Tuple[Dict[str, Any], Dict[str, Any]]]]:
     """{split: [(row, spec), ...]} for the whole corpus; rows have ids and audio paths, no durations."""
