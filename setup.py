@@ -10,6 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["speechverse_jax", "speechverse_jax.*"]),
+    # the demo's backbones release (speechverse-jax demo-backbones; demo/shipped.py checks it)
+    package_data={"speechverse_jax.demo": ["pretrained/MANIFEST.json", "pretrained/**/*"]},
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12.8",

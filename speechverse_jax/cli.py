@@ -2,9 +2,10 @@
 
 Each sub-command reads a config module (`get_config(arg)`, speechverse_jax/configs/): `--config
 NAME[:arg]` (a packaged config) or `--config FILE.py[:arg]`, and `--config.a.b=value` overrides any
-field. convert, prepare, infer, eval and demo have a packaged default config, and their short
-flags (`--out DIR`, `--verify`, `--audio a.wav b.wav`) are spelled-out `--config.<name>=value`
-overrides. Sub-commands only parse and call the library.
+field. convert, prepare, infer, eval, demo and demo-backbones have a packaged default config, and
+their short flags (`--out DIR`, `--verify`, `--audio a.wav b.wav`, `--pretrain-backbones`) are
+spelled-out `--config.<name>=value` overrides (FIELD_ALIASES: flags whose field is nested).
+Sub-commands only parse and call the library.
 """
 
 from __future__ import annotations
@@ -25,7 +26,11 @@ commands (default config in brackets; `speechverse-jax COMMAND --help` lists its
   curriculum  (required)  run the curriculum stages in order; --workdir DIR
   infer       [infer]     answer an instruction about audio files
   eval        [eval]      generate on manifests and score every task
-  demo        [demo]      the end-to-end demo on CPU (--profile full|quick, or --profile convert-only)
+  demo        [demo]      the end-to-end demo on CPU (--profile full|quick, or --profile convert-only) on the
+                          shipped backbones; --pretrain-backbones makes them first with the demo-backbones recipe
+  demo-backbones [demo_backbones]
+                          pretrain the demo's WavLM + T5 backbones, the release the package ships
+                          (--profile full|quick, --out DIR: the release lands in DIR/release)
 
 train / curriculum also take --compile-only (compile the step for the config's mesh from shapes and
 print memory, FLOPs, collectives and a step-time estimate; --compile-target auto|tpu|cpu and
@@ -33,7 +38,7 @@ print memory, FLOPs, collectives and a step-time estimate; --compile-target auto
 --coordinator HOST:PORT --num_processes N --process_id I (multi-process)."""
 
 DEFAULT_CONFIG = {"convert": "convert", "prepare": "prepare", "infer": "infer", "eval": "eval", "demo": "demo",
-                  "train": None, "curriculum": None}
+                  "demo-backbones": "demo_backbones", "train": None, "curriculum": None}
 # Flags that are not config fields: name -> takes a value.
 COMMAND_FLAGS = {
     "train": {"workdir": True, "coordinator": True, "num_processes": True, "process_id": True, "compile_only": False,
@@ -41,8 +46,11 @@ COMMAND_FLAGS = {
     "curriculum": {"workdir": True, "coordinator": True, "num_processes": True, "process_id": True,
                    "compile_only": False, "compile_target": True, "topology": True},
     "demo": {"profile": True, "no_progress": False},
+    "demo-backbones": {"profile": True, "no_progress": False, "part": True},
     "prepare": {"option": True},
 }
+# Short flags that spell out a nested config field: flag -> field.
+FIELD_ALIASES = {"demo": {"pretrain_backbones": "backbones.pretrain"}}
 LIST_FIELDS = {"infer": ("audio",), "eval": ("manifest",)}  # several values after one flag
 
 
@@ -59,6 +67,7 @@ def split_args(command: str, argv: Sequence[str]) -> Tuple[Optional[str], List[s
     spec, overrides, flags, positional = None, [], {}, []
     own = COMMAND_FLAGS.get(command, {})
     lists = LIST_FIELDS.get(command, ())
+    aliases = FIELD_ALIASES.get(command, {})
     args = list(argv)
     i = 0
     while i < len(args):
@@ -101,9 +110,9 @@ def split_args(command: str, argv: Sequence[str]) -> Tuple[Optional[str], List[s
                 else:
                     flags[canonical] = values[0]
             elif not values:  # a switch: a boolean field
-                overrides.append(f"--config.{key}=True")
+                overrides.append(f"--config.{aliases.get(key, key)}=True")
             else:
-                overrides.append(f"--config.{key}={','.join(values)}")
+                overrides.append(f"--config.{aliases.get(key, key)}={','.join(values)}")
     return spec, overrides, flags, positional
 
 
@@ -268,6 +277,14 @@ def _demo(config, flags, positional) -> int:
     return 0
 
 
+def _demo_backbones(config, flags, positional) -> int:
+    from speechverse_jax.demo.recipe import run_recipe
+
+    summary = run_recipe(config, config.out, progress=not flags.get("no_progress"), part=flags.get("part") or "all")
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
 def _load_model(checkpoint: str):
     from speechverse_jax.api import SpeechVerseModel
 
@@ -332,7 +349,7 @@ def _eval(config, flags, positional) -> int:
 
 
 COMMANDS = {"convert": _convert, "prepare": _prepare, "train": _train, "curriculum": _curriculum,
-            "infer": _infer, "eval": _eval, "demo": _demo}
+            "infer": _infer, "eval": _eval, "demo": _demo, "demo-backbones": _demo_backbones}
 
 
 def parse(argv: Sequence[str]):
@@ -366,8 +383,8 @@ def parse(argv: Sequence[str]):
             key, value = item.split("=", 1)
             overrides.append(f"--config.options.{key}={value}")
         positional = []
-    elif command == "demo" and flags.get("profile") and flags["profile"] != "convert-only":
-        arg = flags["profile"]
+    elif flags.get("profile") and not (command == "demo" and flags["profile"] == "convert-only"):
+        arg = flags["profile"]  # demo, demo-backbones: the config's argument
     if positional:
         raise UsageError(f"{command}: unexpected arguments {positional}")
     config = load_config(spec, overrides, arg)

@@ -55,3 +55,32 @@ def tiny_base(tiny_hf, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("base") / "base")
     convert_checkpoints(tiny_hf["wavlm"], tiny_hf["t5"], out)
     return out
+
+
+def write_fake_release(folder, texts, seed=0, vocab_size=64, t5_vocab=128, held_out_seed=0, wavlm_overrides=None):
+    """Tiny random HF backbones in the shipped layout (demo/shipped.py) with a MANIFEST.json whose
+    held-out fingerprint is the demo corpus's of `held_out_seed`. Returns the folder."""
+    from speechverse_jax import hf_tiny
+    from speechverse_jax.demo import shipped
+    from speechverse_jax.demo.corpus import held_out_fingerprint
+
+    folder = str(folder)
+    spm = hf_tiny.train_spiece(texts, folder + ".spm", vocab_size=vocab_size)
+    hf_tiny.save_wavlm(os.path.join(folder, "wavlm"), family="large", seed=seed, **(wavlm_overrides or {}))
+    hf_tiny.save_t5(os.path.join(folder, "t5"), flan=True, seed=seed, spiece_model=spm, vocab_size=t5_vocab)
+    shipped.write_manifest(folder, {"profile": "quick", "seed": held_out_seed, "fake": True}, "quick",
+                           {"wavlm_dev_cer": {"value": 97.5, "threshold": 100.0, "op": "<="}},
+                           {"seed": held_out_seed, "fingerprint": held_out_fingerprint(held_out_seed)}, 1.0)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def fake_release(tmp_path_factory):
+    """A fake backbones release (tiny random WavLM + T5 with a tokenizer) for the demo corpus of seed 0."""
+    return write_fake_release(tmp_path_factory.mktemp("release") / "release", TINY_TEXTS)
+
+
+@pytest.fixture(scope="session")
+def make_fake_release():
+    """`write_fake_release(folder, texts, ...)` for tests that need a release of their own."""
+    return write_fake_release

@@ -72,6 +72,9 @@ def test_convert_prepare_demo_user_errors(run, capsys):
                 contains="KEY=VALUE")
     _user_error(capsys, ["demo", "--profile", "huge"], contains="must be one of")
     _user_error(capsys, ["demo", "--out", afile, "--profile", "convert-only"], contains=f"{afile}: File exists")
+    _user_error(capsys, ["demo", "--profile", "quick", "--out", str(run["root"] / "d"), "--config.backbones.dir",
+                         missing], contains=f"{missing}/MANIFEST.json: missing")
+    _user_error(capsys, ["demo-backbones", "--profile", "huge"], contains="must be one of")
     _user_error(capsys, ["nosuch"], contains="unknown command")
 
 

@@ -44,6 +44,20 @@ def test_the_installed_copy_is_the_one_imported(installed):
             "prepare"} <= set(out[1].split(","))
 
 
+def test_the_backbones_release_ships_whole(request):
+    """The wheel carries demo/pretrained/ (package data): the installed copy passes its checksums."""
+    if not os.path.isfile(os.path.join(REPO, "speechverse_jax", "demo", "pretrained", "MANIFEST.json")):
+        pytest.skip("no backbones release in speechverse_jax/demo/pretrained/ yet (speechverse-jax demo-backbones)")
+    installed = request.getfixturevalue("installed")
+    code = ("from speechverse_jax.demo import shipped; print(shipped.PRETRAINED_DIR); "
+            "print(len(shipped.verify_checksums(shipped.PRETRAINED_DIR)['files']))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=str(installed["work"]), env=installed["env"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    folder, count = out.stdout.split()
+    assert folder.startswith(str(installed["site"])) and int(count) >= 5
+
+
 def test_convert_only_demo_train_and_compile_only_run_from_outside_the_repo(installed):
     run, work = installed["run"], installed["work"]
     run("demo", "--profile", "convert-only", "--out", "demo")

@@ -1,13 +1,15 @@
-"""The CPU demo: tiny pretrained backbones and the paper's three-stage curriculum on an espeak corpus.
+"""The CPU demo: the shipped tiny backbones and the paper's three-stage curriculum on an espeak corpus.
 
-    speechverse-jax demo                                   # profile 'full' (about 30 minutes on 2 cores)
+    speechverse-jax demo                                   # profile 'full'
     speechverse-jax demo --config demo:quick               # the CI smoke profile (a few minutes)
     speechverse-jax demo --config.stage2_multitask.train.max_steps=500 --config.corpus.sizes.train.ic=600
+    speechverse-jax demo --pretrain-backbones              # run the backbones recipe (demo_backbones) first
 
-`get_config(profile)` returns the whole demo: the corpus (examples per split and task), backbone
-sizes and pretraining budgets, then a curriculum config (same shape as the `curriculum` config)
-whose stages the demo runs with cached encoder states. Every field takes a `--config.a.b=value`
-override. Why each budget is what it is: docs/demo_experiments.md.
+`get_config(profile)` returns the whole demo: the corpus (examples per split and task), where the
+backbones come from, then a curriculum config (same shape as the `curriculum` config) whose stages
+the demo runs with cached encoder states. The backbones' architectures and pretraining budgets are
+the `demo_backbones` config's (`speechverse-jax demo-backbones`). Every field takes a
+`--config.a.b=value` override. Why each budget is what it is: docs/demo_experiments.md.
 """
 
 import ml_collections
@@ -33,13 +35,9 @@ CORPUS_SIZES = {
 }
 
 PROFILES = {
-    # steps: WavLM CTC, T5 text pretraining (copying alone, then the task mix), stage1,
-    # stage2_warmup, stage2_multitask (each budget measured: docs/demo_experiments.md).
-    "full": dict(wavlm_steps=800, t5_steps=(550, 550), stage_steps=(1100, 100, 950), batch_size=16, vocab=1000,
-                 wavlm_hidden=192, wavlm_layers=4, conv=64, t5_width=192, t5_layers=3,
-                 audio_buckets=(2.0, 4.0, 6.0)),
-    "quick": dict(wavlm_steps=20, t5_steps=(15, 15), stage_steps=(6, 4, 10), batch_size=8, vocab=200,
-                  wavlm_hidden=64, wavlm_layers=2, conv=32, t5_width=64, t5_layers=2, audio_buckets=(6.0,)),
+    # steps of stage1, stage2_warmup, stage2_multitask (each budget measured: docs/demo_experiments.md).
+    "full": dict(stage_steps=(1100, 100, 950), batch_size=16, audio_buckets=(2.0, 4.0, 6.0)),
+    "quick": dict(stage_steps=(6, 4, 10), batch_size=8, audio_buckets=(6.0,)),
 }
 
 
@@ -53,28 +51,9 @@ def get_config(profile="full"):
     config.out = "outputs/demo"  # output folder (--out DIR)
     config.seed = 0
     config.corpus = dict(sizes=CORPUS_SIZES[profile], workers=2)
-    config.backbones = dict(
-        wavlm=dict(hidden_size=p["wavlm_hidden"], num_hidden_layers=p["wavlm_layers"], num_attention_heads=4,
-                   intermediate_size=p["wavlm_hidden"] * 8 // 3, conv_dim=[p["conv"]] * 7, conv_kernel=[10, 3, 3, 3, 3, 2, 2], conv_stride=[5, 2, 2, 2, 2, 2, 2],
-                   conv_bias=False, feat_extract_norm="layer", do_stable_layer_norm=True,
-                   num_conv_pos_embeddings=32, num_conv_pos_embedding_groups=8, num_buckets=64,
-                   max_bucket_distance=200),
-        t5=dict(d_model=p["t5_width"], d_kv=p["t5_width"] // 4, d_ff=p["t5_width"] * 8 // 3, num_layers=p["t5_layers"],
-                num_decoder_layers=p["t5_layers"], num_heads=4,
-                feed_forward_proj="gated-gelu", tie_word_embeddings=False, relative_attention_num_buckets=32,
-                relative_attention_max_distance=64, dropout_rate=0.0),
-        vocab_size=p["vocab"],
-        wavlm_steps=p["wavlm_steps"],
-        wavlm_batch=8,
-        wavlm_max_seconds=4.0,  # CTC sees clips up to this long (about 96% of the corpus)
-        # text pretraining phases: copying alone, then the task mix (docs/demo_experiments.md)
-        t5_phases=[dict(steps=p["t5_steps"][0], tasks=dict(copy=0.5, copy_random=0.3, copy_stretched=0.2)),
-                   dict(steps=p["t5_steps"][1], tasks=dict(copy=0.3, copy_random=0.15, copy_stretched=0.15, ic=0.1,
-                                                           sf=0.09, kws=0.08, kwe=0.05, open=0.04, joint=0.04))],
-        t5_batch=32,
-        t5_lr=2e-3,
-        text_check=("asr", "ic", "kws", "kwe", "sf") if profile != "quick" else ("asr",),  # T5 alone on dev text
-    )
+    # dir: a backbones release folder (demo/shipped.py layout); "" is the one shipped in the package.
+    # pretrain: run the demo_backbones recipe (this profile, this seed) and convert its release instead.
+    config.backbones = dict(dir="", pretrain=False)
     # the curriculum's shared fields (the demo fills them in: its corpus and converted backbones)
     config.base_checkpoint = ""
     config.data = dict(train_manifests="", eval_manifests="", tokenizer="")

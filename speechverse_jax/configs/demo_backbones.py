@@ -28,8 +28,8 @@ FEMALE_VARIANTS = ("Alicia", "Andrea", "Annie", "anika", "anikaRobot", "aunty", 
                    "f5", "grandma", "linda", "steph", "steph2", "steph3", "whisperf")
 
 PROFILES = {
-    "full": dict(wavlm_hidden=192, wavlm_layers=4, conv=64, wavlm_steps=6000, wavlm_batch=8,
-                 t5_width=192, t5_layers=3, t5_steps=(1500, 5000), t5_batch=32, vocab=1000,
+    "full": dict(wavlm_hidden=192, wavlm_layers=4, conv=64, wavlm_steps=4000, wavlm_batch=8,
+                 t5_width=192, t5_layers=3, t5_steps=(1500, 4500), t5_batch=32, vocab=1000,
                  eval_clips=200, probe_train=400, text_rows=200),
     "quick": dict(wavlm_hidden=32, wavlm_layers=2, conv=16, wavlm_steps=8, wavlm_batch=4,
                   t5_width=32, t5_layers=1, t5_steps=(4, 4), t5_batch=8, vocab=200,

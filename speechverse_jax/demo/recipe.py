@@ -211,15 +211,21 @@ def wavlm_batches(stream, cfg: WavLMConfig, batch_size: int, edges: Sequence[int
         if owner:
             from speechverse_jax.demo.speech_stream import batches_of_block
 
-            clips = stream.block(j)
-            groups = batches_of_block(clips, batch_size, edges, _seed_rng(seed, 0xB10C, j))
+            try:
+                clips = stream.block(j)
+                made = (clips, batches_of_block(clips, batch_size, edges, _seed_rng(seed, 0xB10C, j)))
+            except Exception as e:  # noqa: BLE001 - handed to every thread waiting for this block
+                made = e
             with lock:
-                cache[j] = (event, (clips, groups))
+                cache[j] = (event, made)
                 for old in [k for k in cache if k < j - 2]:
                     del cache[old]
             event.set()
         event.wait()
-        return cache[j][1]
+        made = cache[j][1]
+        if isinstance(made, Exception):
+            raise made
+        return made
 
     def batch_at(i):
         from speechverse_jax.demo.speech_stream import pad_edge
@@ -559,10 +565,18 @@ def machine_info() -> Dict[str, Any]:
             "backend": jax.default_backend()}
 
 
-def run_recipe(config, out_dir: Optional[str] = None, progress: bool = True) -> Dict[str, Any]:
+PARTS = ("all", "tokenizer", "wavlm", "t5")
+
+
+def run_recipe(config, out_dir: Optional[str] = None, progress: bool = True, part: str = "all") -> Dict[str, Any]:
     """Make (or resume making) the demo backbones into `out_dir`; the release lands in
     `out_dir/release/`. Returns the report (also `out_dir/report.json`). Raises `GateError`
-    after writing the release when a gate fails and `gates.enforce` is set."""
+    after writing the release when a gate fails and `gates.enforce` is set.
+
+    `part`: 'all', or one piece ('tokenizer', then 'wavlm' and 't5' as two processes side by side,
+    each resumable; 'all' afterwards finds both trained and only measures and releases)."""
+    if part not in PARTS:
+        raise UserError(f"--part must be one of {', '.join(PARTS)}, got {part!r}")
     from speechverse_jax.convert.export import export_t5, export_wavlm
     from speechverse_jax.demo.corpus import held_out_fingerprint, sentence_families
 
@@ -577,9 +591,15 @@ def run_recipe(config, out_dir: Optional[str] = None, progress: bool = True) -> 
     tokenizer = build_tokenizer(config, families, os.path.join(out_dir, "tokenizer"))
     timings["tokenizer"] = round(time.time() - t, 1)
     _say(f"tokenizer: {len(tokenizer)} pieces")
-
-    wavlm_params, wavlm_cfg, wavlm_report = pretrain_wavlm(config, families, os.path.join(out_dir, "wavlm"), progress)
-    t5_params, t5_cfg, t5_report = pretrain_t5(config, families, tokenizer, os.path.join(out_dir, "t5"), progress)
+    if part == "tokenizer":
+        return {"part": part, "tokenizer_pieces": len(tokenizer)}
+    if part in ("all", "wavlm"):
+        wavlm_params, wavlm_cfg, wavlm_report = pretrain_wavlm(config, families, os.path.join(out_dir, "wavlm"),
+                                                               progress)
+    if part in ("all", "t5"):
+        t5_params, t5_cfg, t5_report = pretrain_t5(config, families, tokenizer, os.path.join(out_dir, "t5"), progress)
+    if part != "all":
+        return {"part": part, "report": wavlm_report if part == "wavlm" else t5_report}
 
     t = time.time()
     _say("measuring the gates on held-out dev data")

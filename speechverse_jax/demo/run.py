@@ -1,9 +1,10 @@
 """`speechverse-jax demo`: a tiny SpeechVerse trained and evaluated end to end on 2 CPU cores.
 
     1. corpus     espeak-ng speaks a multi-task corpus (demo/corpus.py)
-    2. backbones  a tokenizer, then a WavLM (CTC) and a Flan-style T5 (text tasks) pretrained in JAX,
-                  exported to the HF layout and converted with `speechverse-jax convert --verify`
-                  (made once per output folder and reused)
+    2. backbones  the WavLM + T5 shipped in the package (demo/pretrained/, made by `speechverse-jax
+                  demo-backbones`; demo/shipped.py): checksums checked, converted with `speechverse-jax
+                  convert --verify` like downloaded weights (once per output folder, then reused).
+                  `--pretrain-backbones` runs the recipe here instead and converts its release.
     3. cache      the frozen encoder's hidden states, computed once for every clip
     4. curriculum stage1 -> stage2_warmup -> stage2_multitask (configs/demo.py)
     5. evaluate   every task on the test split: seen and unseen instructions, free and constrained
@@ -16,16 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from typing import Any, Dict
 
 import numpy as np
 
 from speechverse_jax import configs
-from speechverse_jax.data.tokenizer import TextEncoder
 from speechverse_jax.models import config as model_cfg_lib
-
 
 
 def demo_config(profile: str = "full"):
@@ -36,133 +34,40 @@ def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def build_tokenizer(corpus_dir: str, out_dir: str, vocab_size: int):
-    """A T5-style sentencepiece tokenizer on the training texts, saved as an HF tokenizer folder."""
-    import transformers
+def backbones_folder(config) -> str:
+    """The shipped backbones to convert: `backbones.dir`, by default the packaged release."""
+    from speechverse_jax.demo import shipped
 
-    from speechverse_jax import hf_tiny
-    from speechverse_jax.demo.corpus import corpus_texts
-
-    spm = hf_tiny.train_spiece(corpus_texts(corpus_dir), os.path.join(out_dir, "spm"), vocab_size=vocab_size)
-    shutil.copy(spm, os.path.join(out_dir, "spiece.model"))
-    tok = transformers.T5Tokenizer.from_pretrained(out_dir, extra_ids=0, legacy=False)
-    tok.save_pretrained(out_dir)
-    return tok
+    return config.backbones.dir or shipped.PRETRAINED_DIR
 
 
-def build_backbones(config, corpus_dir: str, out_dir: str, progress: bool = True) -> Dict[str, Any]:
-    """Pretrain, export (HF layout) and convert the backbones; reuse them when already made."""
-    from speechverse_jax.convert.export import export_t5, export_wavlm
-    from speechverse_jax.convert.pipeline import convert_checkpoints
-    from speechverse_jax.data.audio import load_audio
-    from speechverse_jax.demo import backbones as bb
-    from speechverse_jax.demo.corpus import IC_LABELS, kws_vocabulary, read_rows, sentence_families
-    from speechverse_jax.models.t5 import T5Config
-    from speechverse_jax.models.wavlm import WavLMConfig
+def check_backbones(config) -> None:
+    """Before the corpus is spoken: the shipped backbones are intact and held out this corpus's
+    dev/test sentences (a bad folder fails in a second, not after the corpus)."""
+    from speechverse_jax.demo import shipped
 
-    base_dir = os.path.join(out_dir, "base")
-    report_path = os.path.join(out_dir, "backbones.json")
-    if os.path.exists(os.path.join(base_dir, "model_config.json")) and os.path.exists(report_path):
-        _say(f"reusing the pretrained backbones in {out_dir}")
-        with open(report_path) as f:
-            return json.load(f)
-    t0 = time.time()
-    cfg = config.backbones
-    hf_dir = os.path.join(out_dir, "hf")
-    tok_dir = os.path.join(hf_dir, "t5")
-    os.makedirs(tok_dir, exist_ok=True)
-    tokenizer = build_tokenizer(corpus_dir, tok_dir, int(cfg.vocab_size))
-    vocab = int(np.ceil(len(tokenizer) / 64) * 64)
-    _say(f"tokenizer: {len(tokenizer)} pieces (T5 vocab {vocab})")
-
-    rows = read_rows(os.path.join(corpus_dir, "train.jsonl"))
-    speech = [r for r in rows if r.get("transcript")]
-    clips = [load_audio(os.path.join(corpus_dir, r["audio"])) for r in speech]
-    # held-out single-voice clips for the encoder's dev CER (SC clips mix two voices)
-    dev = [r for r in read_rows(os.path.join(corpus_dir, "dev.jsonl")) if r.get("transcript") and r["task"] != "sc"]
-    dev_clips = [load_audio(os.path.join(corpus_dir, r["audio"])) for r in dev]
-    wavlm_cfg = WavLMConfig.from_hf(cfg.wavlm.to_dict())
-    wavlm_params, wavlm_report = bb.pretrain_wavlm(
-        wavlm_cfg, clips, [r["transcript"] for r in speech], steps=int(cfg.wavlm_steps),
-        batch_size=int(cfg.wavlm_batch), max_samples=int(cfg.wavlm_max_seconds * 16000), seed=int(config.seed),
-        dev=(dev_clips, [r["transcript"] for r in dev]), progress=progress, log=_say)
-    export_wavlm(wavlm_cfg, wavlm_params, os.path.join(hf_dir, "wavlm"))
-
-    # the T5 learns to read its input from an endless stream of text tasks over the train sentences
-    with open(os.path.join(corpus_dir, "corpus.json")) as f:
-        made = json.load(f)
-    families = sentence_families(made["sizes"], int(made["seed"]))
-    t5_cfg = T5Config.from_hf(dict(cfg.t5.to_dict(), vocab_size=vocab, pad_token_id=0, eos_token_id=1,
-                                   decoder_start_token_id=0, is_encoder_decoder=True))
-    # phases of text tasks, each from the last one's params: copying alone first, then the mix
-    t5_params, reports, t5_weights = None, [], []
-    for i, phase in enumerate(cfg.t5_phases):
-        stream = bb.TextTasks(families, kws_vocabulary(families), IC_LABELS, weights=dict(phase["tasks"]))
-        t5_params, rep = bb.pretrain_t5(t5_cfg, stream.sample, tokenizer, steps=int(phase["steps"]),
-                                        batch_size=int(cfg.t5_batch), lr=float(cfg.t5_lr),
-                                        warmup=max(int(phase["steps"]) // 12, 1), seed=int(config.seed) + i,
-                                        init_params=t5_params, progress=progress, log=_say)
-        reports.append(rep)
-        t5_weights.append(stream.weights)
-    t5_report = bb.PretrainReport("t5 (text tasks)", sum(r.steps for r in reports),
-                                  round(sum(r.seconds for r in reports), 1), reports[0].first_loss,
-                                  reports[-1].last_loss, {"phase_losses": [[r.first_loss, r.last_loss] for r in reports]})
-    t5_report.extra.update(text_check(t5_cfg, t5_params, tokenizer, corpus_dir, task_names=tuple(cfg.text_check)))
-    _say("T5 text-only check on dev (transcript + instruction): " + json.dumps(t5_report.extra))
-    export_t5(t5_cfg, t5_params, tok_dir)
-
-    _say("converting the pretrained backbones (the same path as downloaded weights), with --verify")
-    verify = convert_checkpoints(os.path.join(hf_dir, "wavlm"), tok_dir, base_dir, verify=True, overwrite=True)
-    if not verify["verify"]["passed"]:
-        raise RuntimeError(f"conversion of the demo backbones failed verification: {verify['verify']['results']}")
-    report = {
-        "base_dir": base_dir,
-        "tokenizer_pieces": len(tokenizer),
-        "wavlm": {**wavlm_report.__dict__, "config": cfg.wavlm.to_dict()},
-        "t5": {**t5_report.__dict__, "config": cfg.t5.to_dict(), "text_tasks": t5_weights},
-        "max_rel_diff_vs_hf": max(r["max_rel"] for r in verify["verify"]["results"]),
-        "seconds": round(time.time() - t0, 1),
-    }
-    with open(report_path, "w") as f:
-        json.dump(report, f, indent=2, default=str)
-    return report
+    if not config.backbones.pretrain:
+        shipped.check_corpus_compatible(shipped.verify_checksums(backbones_folder(config)), int(config.seed))
 
 
-def text_check(t5_cfg, params, tokenizer, corpus_dir: str, split: str = "dev",
-               task_names=("asr", "ic", "kws", "kwe", "sf")) -> Dict[str, float]:
-    """The pretrained T5 alone on the *text* form of dev examples (`<transcript> <instruction>`, greedy):
-    does it read its input? Copy WER (the ASR instruction), IC / KWS accuracy, KWE F1, SF SLU-F1."""
-    import jax.numpy as jnp
+def build_backbones(config, out_dir: str, progress: bool = True) -> Dict[str, Any]:
+    """The converted base in `out_dir/base`: from the shipped backbones, or with `backbones.pretrain`
+    from the recipe (`speechverse-jax demo-backbones`, the config's profile, the corpus's seed) run
+    into `out_dir/recipe`. Either release folder is checked and converted like downloaded weights."""
+    from speechverse_jax.demo import shipped
 
-    from speechverse_jax.data import tasks
-    from speechverse_jax.decode.generate import GenerateConfig, generate
-    from speechverse_jax.demo.corpus import read_rows
-    from speechverse_jax.eval import metrics
-    from speechverse_jax.models.t5 import T5
+    if config.backbones.pretrain:
+        from speechverse_jax.demo.recipe import run_recipe
 
-    model = T5(t5_cfg)
-    rows = [r for r in read_rows(os.path.join(corpus_dir, f"{split}.jsonl")) if r.get("transcript")]
-    out = {}
-    for task in task_names:
-        sel = [r for r in rows if r["task"] == task]
-        if not sel:
-            continue
-        ids = TextEncoder(tokenizer=tokenizer).encode(
-            [f"{r['transcript']} {tasks.build_instruction(task, r, i)}" for i, r in enumerate(sel)])
-        arr = np.zeros((len(ids), max(map(len, ids))), np.int32)
-        for i, x in enumerate(ids):
-            arr[i, : len(x)] = x
-        mask = jnp.asarray(arr != 0)
-        enc = model.apply({"params": params}, model.apply({"params": params}, arr, method=T5.embed), mask,
-                          method=T5.encode)
-        gen = generate(model, params, enc, mask, GenerateConfig(max_new_tokens=48))
-        hyps = [tokenizer.decode(t[:n], skip_special_tokens=True)
-                for t, n in zip(np.asarray(gen.tokens), np.asarray(gen.lengths))]
-        t = tasks.get_task(task)
-        labels = tasks.resolve_labels(t, sel[0]) if (t.labels or sel[0].get("labels")) else None
-        result = metrics.evaluate_task(task, hyps, [r["target"] for r in sel], labels=labels)
-        out[f"text_{task}_{t.metric}"] = round(float(result[t.metric]), 2)
-    return out
+        recipe = configs.load("demo_backbones", config.profile)
+        recipe.split_seed = int(config.seed)  # the recipe holds out the dev/test sentences of this corpus
+        folder = run_recipe(recipe, os.path.join(out_dir, "recipe"), progress=progress)["release_dir"]
+        origin = "pretrained here (--pretrain-backbones)"
+    else:
+        folder = backbones_folder(config)
+        origin = "shipped" if folder == shipped.PRETRAINED_DIR else "backbones.dir"
+    shipped.check_corpus_compatible(shipped.read_manifest(folder), int(config.seed))
+    return dict(shipped.convert_shipped(folder, os.path.join(out_dir, "base"), progress), origin=origin)
 
 
 def encoder_cache(config, base_dir: str, corpus_dir: str, out_path: str, progress: bool = True):
@@ -291,6 +196,7 @@ def run_demo(out_dir: str = "outputs/demo", profile: str = "full", progress: boo
         _say(f"{name}: {timings[name]}s")
         return time.time()
 
+    check_backbones(config)
     t = time.time()
     corpus_dir = os.path.join(out_dir, "corpus")
     if os.path.exists(os.path.join(corpus_dir, "corpus.json")):
@@ -302,8 +208,10 @@ def run_demo(out_dir: str = "outputs/demo", profile: str = "full", progress: boo
         corpus = make_corpus(corpus_dir, config.corpus.sizes.to_dict(), seed=int(config.seed),
                              workers=int(config.corpus.workers), progress=progress)
     t = stamp("corpus", t)
-    _say("2/5 backbones: tokenizer, WavLM (CTC) and T5 (text tasks) pretrained in JAX, exported, converted")
-    backbones = build_backbones(config, corpus_dir, os.path.join(out_dir, "backbones"), progress=progress)
+    _say("2/5 backbones: " + ("pretraining them with the demo-backbones recipe" if config.backbones.pretrain
+                             else f"the shipped WavLM + T5 ({backbones_folder(config)})")
+         + ", converted with --verify")
+    backbones = build_backbones(config, os.path.join(out_dir, "backbones"), progress=progress)
     base_dir = backbones["base_dir"]
     t = stamp("backbones", t)
     _say("3/5 caching the frozen encoder's hidden states")
@@ -325,8 +233,8 @@ def run_demo(out_dir: str = "outputs/demo", profile: str = "full", progress: boo
     summary = {
         "out_dir": out_dir, "profile": profile, "seconds": round(time.time() - t0, 1), "timings": timings,
         "corpus": {k: corpus.get(k) for k in ("counts", "total_audio_seconds", "vocabulary_size")},
-        "backbones": {k: backbones.get(k) for k in ("tokenizer_pieces", "max_rel_diff_vs_hf")},
-        "wavlm_pretraining": backbones.get("wavlm"), "t5_pretraining": backbones.get("t5"),
+        "backbones": {k: backbones[k] for k in ("origin", "source", "manifest_sha256", "tokenizer_pieces",
+                                                 "max_rel_diff_vs_hf", "gates", "recipe")},
         "stages": stages, "metrics": result["table"], "baselines": result["baselines"],
         "examples": examples, "infer_example": {"command": infer_cmd, "output": infer_out},
     }

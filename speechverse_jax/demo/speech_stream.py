@@ -66,6 +66,7 @@ class SpeechStream:
         p = np.asarray([kinds[k] for k in self.kinds], float)
         self.kind_p = p / p.sum()
         self.max_samples = int(float(data["max_seconds"]) * SAMPLE_RATE)
+        self.failures: List[str] = []  # clips that could not be made (another is drawn in their place)
 
     # -- drawing -----------------------------------------------------------------------------
 
@@ -129,7 +130,16 @@ class SpeechStream:
     def block(self, j: int) -> List[Clip]:
         """Block `j`: `data.block_size` clips (the trainer sorts a block by length into batches)."""
         rng = _seed_seq(self.seed, 0x5EEC, j)
-        return [self.render(self.spec(rng)) for _ in range(int(self.data["block_size"]))]
+        clips = []
+        while len(clips) < int(self.data["block_size"]):
+            spec = self.spec(rng)
+            try:
+                clips.append(self.render(spec))
+            except Exception as e:  # noqa: BLE001 - one clip espeak-ng cannot make: counted, another is drawn
+                self.failures.append(f"block {j}: {type(e).__name__}: {e}"[:300])
+                if len(self.failures) > 1000 + 0.05 * (j + 1) * len(clips or [0]):
+                    raise RuntimeError(f"the speech stream fails too often; last: {self.failures[-1]}") from e
+        return clips
 
     # -- rendering ---------------------------------------------------------------------------
 
@@ -161,8 +171,8 @@ class SpeechStream:
             x = x / max(1.0, float(np.abs(x).max()))
         x = x * spec["gain"]
         if spec.get("snr_db") is not None:
-            noise = speak.synth_noise(("white", "pink", "brown")[int(rng.integers(3))], x.size / SAMPLE_RATE, rng)
-            noise = noise[: x.size]
+            noise = speak.synth_noise(("white", "pink", "brown")[int(rng.integers(3))], x.size / SAMPLE_RATE + 0.01, rng)
+            noise = np.pad(noise, (0, max(0, x.size - noise.size)))[: x.size]
             x = x + noise * np.sqrt(np.mean(x ** 2) / (np.mean(noise ** 2) + 1e-12) / 10 ** (spec["snr_db"] / 10))
         accents = {p["accent"] for p in parts}
         accent = self.accents.index(parts[0]["accent"]) if len(accents) == 1 and "overlay" not in spec else -1
