@@ -67,7 +67,7 @@ def get_config(profile="full"):
                        overlap=0.1, noise=0.1),
             speed=(80, 260), pitch=(0, 99), max_word_gap=4, gain=(0.03, 1.0),  # the corpus: 120-190, 30-70, 0-2, 0.3-0.9
             noise_prob=0.3, snr_db=(5.0, 35.0), overlap_db=(4.0, 12.0),
-            max_seconds=5.0, length_edges_seconds=(2.0, 3.0, 4.0, 5.0),
+            max_seconds=5.0, length_edges_seconds=(2.0, 3.0, 4.0, 5.0) if profile == "full" else (5.0,),
             block_size=4 * p["wavlm_batch"],  # clips made together, sorted by length into batches
         ),
     )

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
+import shutil
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -294,8 +294,6 @@ def pretrain_wavlm(config, families, workdir: str, progress: bool = True) -> Tup
 
 def build_tokenizer(config, families, out_dir: str):
     """The T5 tokenizer (sentencepiece) over the train sentences, answers and every prompt wording."""
-    import shutil
-
     import transformers
 
     from speechverse_jax import hf_tiny
@@ -427,7 +425,7 @@ def _encode_all(model: WavLMPretrainer, params: dict, clips: Sequence[np.ndarray
     texts, feats = [], []
     for start in range(0, len(clips), batch_size):
         part = clips[start:start + batch_size]
-        width = int(np.ceil(max(map(len, part)) / 16000)) * 16000
+        width = int(np.ceil(max(map(len, part)) / 32000)) * 32000  # 2-second steps: few shapes to compile
         audio = np.zeros((batch_size, width), np.float32)
         mask = np.zeros_like(audio, bool)
         for r, c in enumerate(part):
@@ -522,14 +520,13 @@ def text_gates(config, families, t5_cfg, params, tokenizer) -> Dict[str, Any]:
 
 def judge(measured: Mapping[str, Any], thresholds: Mapping[str, Sequence]) -> Dict[str, Dict[str, Any]]:
     """{gate: {value, threshold, op, passed}} for every threshold of the config."""
-    out = {}
-    for name, (op, threshold) in thresholds.items():
-        if name not in measured:
-            raise KeyError(f"gates.thresholds.{name}: nothing measures it")
-        value = float(measured[name])
-        passed = value <= threshold if op == "<=" else value >= threshold
-        out[name] = {"value": value, "threshold": float(threshold), "op": op, "passed": bool(passed)}
-    return out
+    from speechverse_jax.demo.shipped import check_gates
+
+    missing = sorted(set(thresholds) - set(measured))
+    if missing:
+        raise KeyError(f"gates.thresholds.{missing[0]}: nothing measures it")
+    return check_gates({name: {"value": measured[name], "threshold": threshold, "op": op}
+                        for name, (op, threshold) in thresholds.items()})
 
 
 def gate_table(gates: Mapping[str, Mapping[str, Any]]) -> str:
@@ -541,10 +538,16 @@ def gate_table(gates: Mapping[str, Mapping[str, Any]]) -> str:
 
 # -- the whole recipe ------------------------------------------------------------------------------
 
-def _check_recipe(config, out_dir: str) -> dict:
-    """The recipe is written once into the run folder; resuming with another one is refused."""
+def recipe_dict(config) -> dict:
+    """The recipe as plain JSON (what MANIFEST.json records): the config without where it is written."""
     recipe = json.loads(json.dumps(config.to_dict()))
     recipe.pop("out", None)
+    return recipe
+
+
+def _check_recipe(config, out_dir: str) -> dict:
+    """The recipe is written once into the run folder; resuming with another one is refused."""
+    recipe = recipe_dict(config)
     path = os.path.join(out_dir, "recipe.json")
     if os.path.exists(path):
         with open(path) as f:
@@ -557,12 +560,6 @@ def _check_recipe(config, out_dir: str) -> dict:
         with open(path, "w") as f:
             json.dump(recipe, f, indent=2)
     return recipe
-
-
-def machine_info() -> Dict[str, Any]:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__,
-            "backend": jax.default_backend()}
 
 
 PARTS = ("all", "tokenizer", "wavlm", "t5")
@@ -612,7 +609,8 @@ def run_recipe(config, out_dir: Optional[str] = None, progress: bool = True, par
     release = os.path.join(out_dir, "release")
     export_wavlm(wavlm_cfg, wavlm_params["wavlm"], os.path.join(release, "wavlm"))
     export_t5(t5_cfg, t5_params, os.path.join(release, "t5"))
-    tokenizer.save_pretrained(os.path.join(release, "t5"))
+    for name in sorted(os.listdir(os.path.join(out_dir, "tokenizer"))):  # spiece.model and what HF wrote beside it
+        shutil.copy(os.path.join(out_dir, "tokenizer", name), os.path.join(release, "t5", name))
     from speechverse_jax.demo import shipped
 
     wall = round(wavlm_report["seconds"] + t5_report["seconds"] + timings["tokenizer"] + timings["gates"], 1)
@@ -622,7 +620,7 @@ def run_recipe(config, out_dir: Optional[str] = None, progress: bool = True, par
     report = {"release_dir": release, "profile": config.profile, "timings": timings, "wall_seconds": wall,
               "this_call_seconds": round(time.time() - t_start, 1), "wavlm": wavlm_report, "t5": t5_report,
               "measured": measured, "gates": gates, "tokenizer_pieces": len(tokenizer),
-              "machine": machine_info()}
+              "machine": shipped.machine_info()}
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2, default=str)
     _say("gates (held-out dev data):\n" + gate_table(gates))

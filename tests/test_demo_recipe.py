@@ -1,0 +1,152 @@
+"""The demo-backbones recipe: resumable training, the broad speech stream, the gates, the release."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from speechverse_jax import configs
+from speechverse_jax.demo import recipe, shipped
+from speechverse_jax.demo.corpus import held_out_sentences, sentence_families
+from speechverse_jax.demo.speech_stream import VOICE_COUNT_IGNORE, SpeechStream
+from speechverse_jax.errors import UserError
+
+
+def _regression_part(workdir, fail_at=None):
+    """A tiny least-squares problem through `train_part`: batch i is a function of i alone."""
+    w_true = np.arange(6, dtype=np.float32).reshape(3, 2)
+
+    def batch_at(i):
+        if fail_at is not None and i == fail_at:
+            raise RuntimeError("killed")
+        x = np.random.default_rng(i).standard_normal((8, 3)).astype(np.float32)
+        return {"x": x, "y": x @ w_true}
+
+    def loss_fn(params, batch, rng):
+        noise = 1e-3 * jax.random.normal(rng, batch["y"].shape)  # the per-step rng must resume too
+        return jnp.mean((batch["x"] @ params["w"] + noise - batch["y"]) ** 2), {}
+
+    params = {"w": jnp.zeros((3, 2), jnp.float32)}
+    schedule = recipe._schedule([(6, 2), (6, 1)], 0.1)
+    return recipe.train_part("toy", str(workdir), loss_fn, params, batch_at, 12, schedule, checkpoint_every=4,
+                             progress=False, log_every=1)
+
+
+def test_a_killed_part_resumes_to_the_same_weights(tmp_path):
+    straight, report = _regression_part(tmp_path / "straight")
+    w_true = np.arange(6, dtype=np.float32).reshape(3, 2)
+    assert report["steps"] == 12 and np.linalg.norm(np.asarray(straight["w"]) - w_true) < np.linalg.norm(w_true)  # learning, not drifting
+    with pytest.raises(RuntimeError, match="killed"):
+        _regression_part(tmp_path / "killed", fail_at=9)  # dies after the step-8 checkpoint
+    resumed, _ = _regression_part(tmp_path / "killed")
+    np.testing.assert_array_equal(np.asarray(resumed["w"]), np.asarray(straight["w"]))
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "killed" / "metrics.jsonl")]
+    assert steps[-4:] == [8, 9, 10, 11]  # the resumed run started at the checkpoint
+
+
+def _stream(block_size=24, **data):
+    cfg = configs.load("demo_backbones", "full").wavlm.data.to_dict()
+    cfg.update(block_size=block_size, **data)
+    return SpeechStream(sentence_families(0), cfg, seed=3)
+
+
+def test_the_speech_stream_is_deterministic_broad_and_never_speaks_held_out_sentences():
+    stream = _stream(kinds={"sentence": 1, "word_salad": 1, "shuffled": 1, "two_voices": 1, "one_voice_two": 1,
+                            "overlap": 1, "noise": 1})
+    a, b = stream.block(5), stream.block(5)
+    assert [c.text for c in a] == [c.text for c in b]
+    assert all(np.array_equal(x.audio, y.audio) for x, y in zip(a, b))
+    assert [c.text for c in stream.block(6)] != [c.text for c in a]
+    held_out = set(held_out_sentences(0))
+    clips = a + stream.block(6) + stream.block(7)
+    kinds = {c.kind for c in clips}
+    assert kinds == {"sentence", "word_salad", "shuffled", "two_voices", "one_voice_two", "overlap", "noise"}
+    for c in clips:
+        assert c.audio.dtype == np.float32 and 0 < c.audio.size <= stream.max_samples
+        assert np.all(np.isfinite(c.audio)) and np.abs(c.audio).max() <= 1.0
+        assert c.text not in held_out and not any(part in held_out for part in c.text.split("  "))
+        if c.kind == "noise":
+            assert (c.text, c.voices, c.accent) == ("", 0, -1)
+        elif c.kind == "two_voices":
+            assert c.voices == 2 and len(c.text.split()) >= 2
+        elif c.kind == "overlap":
+            assert c.voices == VOICE_COUNT_IGNORE and c.accent == -1
+        else:
+            assert c.voices == 1 and 0 <= c.accent < len(stream.accents)
+    assert not stream.failures
+
+
+def test_wavlm_batches_have_one_label_width_per_audio_width_and_the_clips_transcripts():
+    config = configs.load("demo_backbones", "full")
+    stream = _stream(block_size=8)
+    from speechverse_jax.models.wavlm import WavLMConfig
+
+    cfg = WavLMConfig.from_hf(config.wavlm.model.to_dict())
+    edges = [int(s * 16000) for s in config.wavlm.data.length_edges_seconds]
+    batch_at = recipe.wavlm_batches(stream, cfg, 4, edges, seed=0)
+    widths = {}
+    for i in range(6):
+        batch = batch_at(i)
+        assert batch["audio"].shape[1] in edges
+        widths.setdefault(batch["audio"].shape[1], set()).add(batch["labels"].shape[1])
+        spoken = {"".join(recipe.CTC_ALPHABET[t - 1] for t in recipe.ctc_ids(c.text)) for c in stream.block(i // 2)}
+        for row in range(4):
+            if batch["label_paddings"][row, 0] > 1.5:  # a transcript CTC cannot align: no CTC target
+                continue
+            ids = batch["labels"][row][batch["label_paddings"][row] == 0]
+            assert "".join(recipe.CTC_ALPHABET[t - 1] for t in ids) in spoken
+            n = int(batch["audio_mask"][row].sum())
+            assert n > 0 and not batch["audio_mask"][row, n:].any()
+    assert all(len(w) == 1 for w in widths.values())
+    assert recipe.ctc_feasible([1, 2, 3], 3) and not recipe.ctc_feasible([1, 1, 1], 4)
+
+
+@pytest.fixture(scope="module")
+def quick_release(tmp_path_factory):
+    out = tmp_path_factory.mktemp("recipe")
+    config = configs.load("demo_backbones", "quick")
+    report = recipe.run_recipe(config, str(out), progress=False)
+    return config, str(out), report
+
+
+def test_the_quick_recipe_releases_checked_backbones_with_their_gates(quick_release, tmp_path):
+    config, out, report = quick_release
+    release = report["release_dir"]
+    manifest = shipped.verify_checksums(release)
+    assert manifest["recipe"] == recipe.recipe_dict(config) and manifest["profile"] == "quick"
+    assert set(manifest["gates"]) == set(config.gates.thresholds)
+    assert manifest["gates"] == report["gates"]
+    for gate in manifest["gates"].values():
+        assert np.isfinite(gate["value"])
+    assert 0 <= report["measured"]["encoder_dev_cer"] and 0 <= report["measured"]["probe_speech"] <= 100
+    for part in ("wavlm", "t5"):
+        assert os.path.isdir(os.path.join(out, part, "checkpoints"))
+        assert report[part]["steps"] > 0 and np.isfinite(report[part]["last_loss"])
+        assert os.path.isfile(os.path.join(out, part, "metrics.jsonl"))
+    shipped.check_corpus_compatible(manifest, 0)
+    # the release converts like downloaded weights, and the HF reference agrees with our models
+    converted = shipped.convert_shipped(release, str(tmp_path / "base"), progress=False)
+    assert converted["max_rel_diff_vs_hf"] <= 1e-4
+
+
+def test_a_run_folder_refuses_another_recipe(quick_release):
+    config, out, _ = quick_release
+    other = configs.load("demo_backbones", "quick")
+    other.wavlm.lr = 1e-3
+    with pytest.raises(UserError, match="another recipe"):
+        recipe.run_recipe(other, out, progress=False)
+    with pytest.raises(UserError, match="--part"):
+        recipe.run_recipe(config, out, progress=False, part="everything")
+
+
+def test_gates_are_judged_against_the_config():
+    gates = recipe.judge({"encoder_dev_cer": 2.5, "probe_accent": 90.0},
+                         {"encoder_dev_cer": ("<=", 3.0), "probe_accent": (">=", 95.0)})
+    assert gates["encoder_dev_cer"]["passed"] and not gates["probe_accent"]["passed"]
+    with pytest.raises(KeyError, match="probe_voices"):
+        recipe.judge({}, {"probe_voices": (">=", 95.0)})
+    table = recipe.gate_table(gates)
+    assert "FAILED" in table and "| encoder_dev_cer | 2.5 | <= 3 | ok |" in table
