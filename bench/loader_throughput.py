@@ -116,11 +116,14 @@ def train_step_consumption(profile: str = "full", batch_size: int = 16, seconds:
     from speechverse_jax.train import optimizer as opt_lib
     from speechverse_jax.train.step import init_state, make_train_step
 
+    from speechverse_jax import configs
+
     demo = demo_config(profile)
-    vocab = 448 if profile == "full" else 256
+    recipe = configs.load("demo_backbones", profile)  # the shipped backbones' architectures
+    vocab = 704 if profile == "full" else 256
     model_cfg = model_cfg_lib.build_model_config(
-        demo.stage2_multitask.model, WavLMConfig.from_hf(demo.backbones.wavlm.to_dict()),
-        T5Config.from_hf(dict(demo.backbones.t5.to_dict(), vocab_size=vocab)))
+        demo.stage2_multitask.model, WavLMConfig.from_hf(recipe.wavlm.model.to_dict()),
+        T5Config.from_hf(dict(recipe.t5.model.to_dict(), vocab_size=vocab)))
     params = nn.unbox(init_params(model_cfg, jax.random.PRNGKey(0)))
     labels = opt_lib.label_params(params, [tuple(r) for r in demo.stage2_multitask.train.param_rules])
     trainable, frozen = opt_lib.split(params, labels)

@@ -57,7 +57,7 @@ from speechverse_jax.data.audio import SAMPLE_RATE
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-# Model + batch per size. 'tiny' takes its backbones from configs/demo.py (profile 'full').
+# Model + batch per size. 'tiny' takes its backbones from configs/demo_backbones.py (profile 'full').
 SIZES: Dict[str, Dict[str, Any]] = {
     "tiny": dict(  # backbones, vocab, layer combination and LoRA rank / alpha from the demo config
         from_demo=True, batch=16, seconds=4.0, instruction_len=16, target_len=32),
@@ -90,11 +90,12 @@ def size_spec(name: str) -> Dict[str, Any]:
         from speechverse_jax import configs
 
         demo = configs.load("demo", "full")
-        bb = demo.backbones.to_dict()
-        wavlm = {k: v for k, v in bb["wavlm"].items() if k not in ("feat_extract_norm", "do_stable_layer_norm")}
-        t5 = {k: v for k, v in bb["t5"].items() if k not in ("feed_forward_proj", "tie_word_embeddings",
-                                                               "dropout_rate")}
-        t5["vocab_size"] = bb["vocab_size"]
+        recipe = configs.load("demo_backbones", "full")  # the shipped backbones' architectures
+        wavlm = {k: v for k, v in recipe.wavlm.model.to_dict().items()
+                 if k not in ("feat_extract_norm", "do_stable_layer_norm")}
+        t5 = {k: v for k, v in recipe.t5.model.to_dict().items() if k not in ("feed_forward_proj", "tie_word_embeddings",
+                                                                               "dropout_rate")}
+        t5["vocab_size"] = recipe.tokenizer.vocab_size
         stage = demo[demo.order[-1]].model
         spec.update(wavlm=wavlm, t5=t5, layer_combination=stage.layer_combination,
                     lora=(int(stage.lora.rank), float(stage.lora.alpha)))

@@ -150,3 +150,14 @@ def test_gates_are_judged_against_the_config():
         recipe.judge({}, {"probe_voices": (">=", 95.0)})
     table = recipe.gate_table(gates)
     assert "FAILED" in table and "| encoder_dev_cer | 2.5 | <= 3 | ok |" in table
+
+
+def test_greedy_ctc_decoding_and_its_character_error_rate():
+    blank = 0
+    path = [recipe.CTC_ALPHABET.index(c) + 1 for c in "hh"] + [blank] + [recipe.CTC_ALPHABET.index("i") + 1] * 3
+    assert recipe.ctc_collapse(np.asarray(path)) == "hi"  # repeats merge, blanks drop
+    a = recipe.CTC_ALPHABET.index("a") + 1
+    assert recipe.ctc_collapse(np.asarray([a, blank, a])) == "aa"  # a blank separates a repeated letter
+    assert recipe.ctc_cer(["play jazz", "hi"], ["Play jazz!", "hi"]) == 0.0  # case and punctuation dropped
+    assert recipe.ctc_cer(["", ""], ["ab", "c"]) == 100.0  # all deleted
+    assert recipe.ctc_cer(["play jazy"], ["play jazz"]) == round(100 / 9, 2)

@@ -28,10 +28,10 @@ FEMALE_VARIANTS = ("Alicia", "Andrea", "Annie", "anika", "anikaRobot", "aunty", 
                    "f5", "grandma", "linda", "steph", "steph2", "steph3", "whisperf")
 
 PROFILES = {
-    "full": dict(wavlm_hidden=192, wavlm_layers=4, conv=64, wavlm_steps=4000, wavlm_batch=8,
+    "full": dict(wavlm_hidden=192, wavlm_layers=4, conv=64, wavlm_steps=3000, wavlm_batch=8, narrow_steps=600,
                  t5_width=192, t5_layers=3, t5_steps=(1500, 4500), t5_batch=32, vocab=1000,
                  eval_clips=200, probe_train=400, text_rows=200),
-    "quick": dict(wavlm_hidden=32, wavlm_layers=2, conv=16, wavlm_steps=8, wavlm_batch=4,
+    "quick": dict(wavlm_hidden=32, wavlm_layers=2, conv=16, wavlm_steps=8, wavlm_batch=4, narrow_steps=4,
                   t5_width=32, t5_layers=1, t5_steps=(4, 4), t5_batch=8, vocab=200,
                   eval_clips=8, probe_train=12, text_rows=8),
 }
@@ -69,6 +69,12 @@ def get_config(profile="full"):
             noise_prob=0.3, snr_db=(5.0, 35.0), overlap_db=(4.0, 12.0),
             max_seconds=5.0, length_edges_seconds=(2.0, 3.0, 4.0, 5.0) if profile == "full" else (5.0,),
             block_size=4 * p["wavlm_batch"],  # clips made together, sorted by length into batches
+            # the first blocks (narrow_blocks x 4 batches) hear corpus-like speech only; then the broad mix
+            narrow_blocks=p["narrow_steps"] // 4,
+            narrow=dict(accents=["en-us", "en-gb", "en-gb-x-rp", "en-gb-scotland", "en-029"],
+                        male_variants=[f"m{i}" for i in range(1, 8)], female_variants=[f"f{i}" for i in range(1, 6)],
+                        speed=(120, 190), pitch=(30, 70), max_word_gap=2, gain=(0.3, 0.9), noise_prob=0.0,
+                        kinds=dict(sentence=0.8, word_salad=0.2)),
         ),
     )
     w = p["t5_width"]

@@ -149,6 +149,15 @@ def ctc_collapse(best: np.ndarray) -> str:
     return "".join(out)
 
 
+def ctc_cer(hyps: Sequence[str], transcripts: Sequence[str]) -> float:
+    """Character error rate (%) of greedy CTC outputs against transcripts reduced to the CTC alphabet
+    (lower case, other characters dropped)."""
+    import jiwer
+
+    refs = ["".join(CTC_ALPHABET[i - 1] for i in ctc_ids(t)) or " " for t in transcripts]
+    return round(100 * float(jiwer.cer(refs, [h or "" for h in hyps])), 2)
+
+
 def masked_mean_std(x: jax.Array, mask: jax.Array) -> jax.Array:
     """[batch, frames, dim] (+ [batch, frames] mask) -> [batch, 2 * dim]: mean and std over real frames."""
     m = mask[..., None].astype(x.dtype)
@@ -336,7 +345,7 @@ def tokenizer_texts(families) -> List[str]:
 def pretrain_t5(config, families, tokenizer, workdir: str, progress: bool = True):
     """-> (params of `T5(cfg)`, T5Config, report)."""
     from speechverse_jax.data.tokenizer import TextEncoder
-    from speechverse_jax.demo.backbones import TextTasks, _t5_query_scale
+    from speechverse_jax.demo.text_tasks import TextTasks, _t5_query_scale
     from speechverse_jax.demo.corpus import IC_LABELS, kws_vocabulary
     from speechverse_jax.models.speechverse import token_cross_entropy
     from speechverse_jax.models.t5 import T5, T5Config, shift_right
@@ -454,25 +463,21 @@ def _probe(train_x, train_y, test_x, test_y) -> Tuple[float, int]:
 def encoder_gates(config, families, model: WavLMPretrainer, params: dict, progress: bool = True) -> Dict[str, Any]:
     """Greedy CTC CER on held-out dev clips (corpus voices, and voices beyond them), and linear
     probes trained on train-sentence clips, scored on dev-sentence clips."""
-    import jiwer
-
     from speechverse_jax.demo.speech_stream import SpeechStream
 
     g, seed = config.gates, int(config.seed)
     out: Dict[str, Any] = {}
     dev = _render_rows(_planned("asr", "dev", int(g.eval_clips), families, seed), progress, "dev clips")
     hyps, _ = _encode_all(model, params, [a for _, a in dev])
-    refs = ["".join(CTC_ALPHABET[i - 1] for i in ctc_ids(r["transcript"])) or " " for r, _ in dev]
-    out["encoder_dev_cer"] = round(100 * float(jiwer.cer(refs, hyps)), 2)
+    out["encoder_dev_cer"] = ctc_cer(hyps, [r["transcript"] for r, _ in dev])
     # voices, speeds and pitches beyond the corpus's ranges, on the same dev sentences (reported only)
     wide = SpeechStream({k: {"train": f["dev"], "dev": [], "test": []} for k, f in families.items()},
                         dict(config.wavlm.data.to_dict(), kinds={"sentence": 1.0}, noise_prob=0.0), seed + 1)
     rng = _seed_rng(seed, 0xD1DE)
     wide_clips = [wide.render(wide.spec(rng)) for _ in range(int(g.eval_clips))]
     hyps, _ = _encode_all(model, params, [c.audio for c in wide_clips])
-    wide_refs = ["".join(CTC_ALPHABET[i - 1] for i in ctc_ids(c.text)) or " " for c in wide_clips]
-    out["encoder_dev_cer_wide_voices"] = round(100 * float(jiwer.cer(wide_refs, hyps)), 2)
-    out["examples"] = [{"ref": r, "hyp": h} for r, h in list(zip(wide_refs, hyps))[:3]]
+    out["encoder_dev_cer_wide_voices"] = ctc_cer(hyps, [c.text for c in wide_clips])
+    out["examples"] = [{"ref": c.text, "hyp": h} for c, h in list(zip(wide_clips, hyps))[:3]]
     for gate, task in (("probe_accent", "ac"), ("probe_voices", "sc"), ("probe_speech", "sns")):
         train = _render_rows(_planned(task, "train", int(g.probe_train_clips), families, seed), progress, f"{task} train")
         test = _render_rows(_planned(task, "dev", int(g.eval_clips), families, seed), progress, f"{task} dev")

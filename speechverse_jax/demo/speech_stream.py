@@ -59,7 +59,8 @@ class SpeechStream:
         self.short = [t for t in self.sentences if len(t.split()) <= 5]
         self.held_out = {s.text for fam in families.values() for sp in ("dev", "test") for s in fam[sp]}
         self.vocabulary = sorted({w for t in self.sentences for w in t.split()})
-        self.accents = list(data["accents"])
+        self.accents = list(data["accents"])  # the accents voices are drawn from
+        self.label_accents = list(data.get("label_accents") or self.accents)  # the accent head's classes
         self.male, self.female = list(data["male_variants"]), list(data["female_variants"])
         kinds = dict(data["kinds"])
         self.kinds = sorted(kinds)
@@ -67,6 +68,12 @@ class SpeechStream:
         self.kind_p = p / p.sum()
         self.max_samples = int(float(data["max_seconds"]) * SAMPLE_RATE)
         self.failures: List[str] = []  # clips that could not be made (another is drawn in their place)
+        # the first `narrow_blocks` blocks come from a narrower stream (`data.narrow` overrides): CTC
+        # from scratch on the broad mix alone stayed on its plateau (data.narrow in the recipe config)
+        narrow = data.get("narrow")
+        self.narrow_blocks = int(data.get("narrow_blocks", 0)) if narrow else 0
+        self.narrow_stream = SpeechStream(
+            families, {**data, **narrow, "narrow": None, "label_accents": self.label_accents}, seed) if self.narrow_blocks else None
 
     # -- drawing -----------------------------------------------------------------------------
 
@@ -129,6 +136,8 @@ class SpeechStream:
 
     def block(self, j: int) -> List[Clip]:
         """Block `j`: `data.block_size` clips (the trainer sorts a block by length into batches)."""
+        if j < self.narrow_blocks:
+            return self.narrow_stream.block(j)
         rng = _seed_seq(self.seed, 0x5EEC, j)
         clips = []
         while len(clips) < int(self.data["block_size"]):
@@ -175,7 +184,7 @@ class SpeechStream:
             noise = np.pad(noise, (0, max(0, x.size - noise.size)))[: x.size]
             x = x + noise * np.sqrt(np.mean(x ** 2) / (np.mean(noise ** 2) + 1e-12) / 10 ** (spec["snr_db"] / 10))
         accents = {p["accent"] for p in parts}
-        accent = self.accents.index(parts[0]["accent"]) if len(accents) == 1 and "overlay" not in spec else -1
+        accent = self.label_accents.index(parts[0]["accent"]) if len(accents) == 1 and "overlay" not in spec else -1
         voices = VOICE_COUNT_IGNORE if "overlay" in spec else len({(p["voice"], p["pitch"]) for p in parts})
         return Clip(np.clip(x, -1, 1).astype(np.float32), " ".join(p["text"] for p in parts), accent, voices,
                     spec["kind"])
