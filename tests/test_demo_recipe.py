@@ -47,9 +47,9 @@ def test_a_killed_part_resumes_to_the_same_weights(tmp_path):
     assert steps[-4:] == [8, 9, 10, 11]  # the resumed run started at the checkpoint
 
 
-def _stream(block_size=24, **data):
+def _stream(block_size=24, narrow_blocks=0, **data):
     cfg = configs.load("demo_backbones", "full").wavlm.data.to_dict()
-    cfg.update(block_size=block_size, **data)
+    cfg.update(block_size=block_size, narrow_blocks=narrow_blocks, **data)
     return SpeechStream(sentence_families(0), cfg, seed=3)
 
 
@@ -77,6 +77,17 @@ def test_the_speech_stream_is_deterministic_broad_and_never_speaks_held_out_sent
         else:
             assert c.voices == 1 and 0 <= c.accent < len(stream.accents)
     assert not stream.failures
+
+
+def test_the_first_blocks_are_narrow_corpus_like_speech_with_the_broad_label_indices():
+    stream = _stream(block_size=16, narrow_blocks=2)
+    narrow = configs.load("demo_backbones", "full").wavlm.data.narrow
+    allowed = {stream.label_accents.index(a) for a in narrow.accents}
+    for j in (0, 1):
+        clips = stream.block(j)
+        assert {c.kind for c in clips} <= set(narrow.kinds)
+        assert {c.accent for c in clips} <= allowed and {c.voices for c in clips} == {1}
+    assert {c.kind for c in stream.block(2) + stream.block(3)} - set(narrow.kinds)  # then the broad mix
 
 
 def test_wavlm_batches_have_one_label_width_per_audio_width_and_the_clips_transcripts():

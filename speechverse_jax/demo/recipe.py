@@ -93,7 +93,7 @@ def train_part(name: str, workdir: str, loss_fn: Callable, params: dict, batch_a
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, loss, aux
 
-    t0, first, recent = time.time(), None, []
+    t0 = time.time()
     bar = tqdm(total=steps, initial=start, desc=name, disable=not progress, dynamic_ncols=True)
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(prefetch, 1))
     ahead = {i: pool.submit(batch_at, i) for i in range(start, min(start + prefetch, steps))}
@@ -108,8 +108,6 @@ def train_part(name: str, workdir: str, loss_fn: Callable, params: dict, batch_a
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"{name}: non-finite loss at step {i}; the last checkpoint is in "
                                              f"{workdir}")
-                first = loss if first is None else first
-                recent = (recent + [loss])[-4:]
                 values = {"loss": loss, "lr": float(schedule(i)), "seconds": round(seconds_before + time.time() - t0, 1),
                           **{k: float(v) for k, v in aux.items()}}
                 metrics.write(i, "train", values)
@@ -126,8 +124,11 @@ def train_part(name: str, workdir: str, loss_fn: Callable, params: dict, batch_a
         ckpt.close()
         metrics.close()
     seconds = round(seconds_before + time.time() - t0, 1)
-    return state["params"], {"steps": steps, "seconds": seconds, "first_loss": first,
-                             "last_loss": float(np.mean(recent)) if recent else None}
+    from speechverse_jax.train.metrics_log import read_metrics
+
+    losses = [r["loss"] for r in read_metrics(os.path.join(workdir, "metrics.jsonl"), "train")]  # every session's
+    return state["params"], {"steps": steps, "seconds": seconds, "first_loss": losses[0] if losses else None,
+                             "last_loss": float(np.mean(losses[-4:])) if losses else None}
 
 
 # -- the speech encoder ----------------------------------------------------------------------------
@@ -534,6 +535,37 @@ def judge(measured: Mapping[str, Any], thresholds: Mapping[str, Sequence]) -> Di
                         for name, (op, threshold) in thresholds.items()})
 
 
+def plot_training(out_dir: str, out_png: str) -> str:
+    """The two parts' training curves side by side: the WavLM's objectives, the T5's loss (a running
+    median over 8 logs: its batches are one task kind each, so single logs jump between kinds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from speechverse_jax.train.metrics_log import read_metrics
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, part, keys in ((axes[0], "wavlm", ("ctc", "accent_ce", "voices_ce")), (axes[1], "t5", ("loss",))):
+        path = os.path.join(out_dir, part, "metrics.jsonl")
+        rows = read_metrics(path, "train") if os.path.exists(path) else []
+        for key in keys:
+            steps = [r["step"] for r in rows if key in r]
+            values = np.asarray([r[key] for r in rows if key in r], float)
+            if part == "t5" and values.size:
+                values = np.asarray([np.median(values[max(0, i - 7):i + 1]) for i in range(values.size)])
+            ax.plot(steps, values, label=key if part == "wavlm" else "loss (running median)")
+        ax.set_title(part)
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
 def gate_table(gates: Mapping[str, Mapping[str, Any]]) -> str:
     lines = ["| gate | measured | target | |", "|---|---|---|---|"]
     for name, g in gates.items():
@@ -626,6 +658,7 @@ def run_recipe(config, out_dir: Optional[str] = None, progress: bool = True, par
               "this_call_seconds": round(time.time() - t_start, 1), "wavlm": wavlm_report, "t5": t5_report,
               "measured": measured, "gates": gates, "tokenizer_pieces": len(tokenizer),
               "machine": shipped.machine_info()}
+    report["plot"] = plot_training(out_dir, os.path.join(out_dir, "training.png"))
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2, default=str)
     _say("gates (held-out dev data):\n" + gate_table(gates))
