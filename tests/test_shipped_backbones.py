@@ -217,8 +217,7 @@ def test_a_bad_backbones_folder_fails_before_the_corpus(tmp_path, capsys):
 
 @pytest.fixture
 def real_manifest():
-    if not os.path.isfile(os.path.join(shipped.PRETRAINED_DIR, shipped.MANIFEST)):
-        pytest.skip(f"no backbones release in {shipped.PRETRAINED_DIR} yet (made by speechverse-jax demo-backbones)")
+    """The packaged release (speechverse_jax/demo/pretrained/): every file present and unchanged."""
     return shipped.verify_checksums(shipped.PRETRAINED_DIR)
 
 
@@ -231,3 +230,11 @@ def test_the_packaged_release_is_intact_and_made_by_todays_recipe(real_manifest)
     for name, gate in manifest["gates"].items():
         assert set(gate) == {"value", "threshold", "op", "passed"}, name
     shipped.check_corpus_compatible(manifest, configs.load("demo", "full").seed)
+
+
+def test_the_packaged_release_converts_like_downloaded_weights(real_manifest, tmp_path):
+    report = shipped.convert_shipped(shipped.PRETRAINED_DIR, str(tmp_path / "base"), progress=False)
+    assert report["max_rel_diff_vs_hf"] <= 1e-4 and report["manifest_sha256"] == shipped.manifest_sha256(
+        shipped.PRETRAINED_DIR)
+    size = sum(os.path.getsize(os.path.join(shipped.PRETRAINED_DIR, f)) for f in real_manifest["files"])
+    assert size <= 40 * 2 ** 20  # the release stays small enough to ship in the repository
