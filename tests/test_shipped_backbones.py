@@ -100,14 +100,19 @@ def test_write_manifest_checks_gates_and_layout(release):
         shipped.write_manifest(release, recipe, "quick", {}, held, 1)
 
 
-def test_the_fingerprint_names_the_held_out_sentences_of_both_profiles():
-    full = sentence_families(CORPUS_SIZES["full"], 0)
-    quick = sentence_families(CORPUS_SIZES["quick"], 0)
-    for family in full:
-        held = {s.text for split in ("dev", "test") for s in full[family][split]}
-        assert not held & {s.text for s in full[family]["train"]}
-        # the quick corpus (same seed) evaluates on sentences the full split held out
-        assert {s.text for split in ("dev", "test") for s in quick[family][split]} <= held
+def test_the_fingerprint_names_the_held_out_sentences_of_every_corpus_size():
+    from speechverse_jax.demo.corpus import held_out_sentences, plan_corpus
+
+    families = sentence_families(0)
+    held = set(held_out_sentences(0))
+    for family in families.values():
+        assert not held & {s.text for s in family["train"]}
+    # corpora of either profile (same seed) evaluate on sentences the split held out, train on none of them
+    for sizes in (CORPUS_SIZES["quick"], CORPUS_SIZES["full"]):
+        plan = plan_corpus(sizes, 0)
+        spoken = {sp: {row["transcript"] for row, _ in plan[sp] if row.get("transcript") and row["task"] != "sc"}
+                  for sp in ("train", "dev", "test")}
+        assert spoken["dev"] | spoken["test"] <= held and not spoken["train"] & held
     assert held_out_fingerprint(0) == held_out_fingerprint(0) != held_out_fingerprint(1)
 
 
@@ -201,10 +206,12 @@ def test_the_cli_flags_reach_the_configs(tmp_path, monkeypatch, capsys):
 
     seen = []
     monkeypatch.setitem(sys.modules, "speechverse_jax.demo.recipe", types.SimpleNamespace(
-        run_recipe=lambda config, out, progress=True: seen.append((config.profile, out, progress)) or {"ok": 1}))
+        run_recipe=lambda config, out, progress=True, part="all": seen.append((config.profile, out, progress, part))
+        or {"ok": 1}))
     assert main(["demo-backbones", "--profile", "quick", "--out", str(tmp_path), "--no-progress"]) == 0
-    assert seen == [("quick", str(tmp_path), False)]
     assert json.loads(capsys.readouterr().out) == {"ok": 1}
+    assert main(["demo-backbones", "--profile", "quick", "--out", str(tmp_path), "--part", "wavlm"]) == 0
+    assert seen == [("quick", str(tmp_path), False, "all"), ("quick", str(tmp_path), True, "wavlm")]
 
 
 def test_a_bad_backbones_folder_fails_before_the_corpus(tmp_path, capsys):
