@@ -121,7 +121,7 @@ def test_pipeline_batches_carry_the_chat_prompt_around_the_audio(bases, manifest
 
 def test_stages_train_the_rules_set_only_loss_falls_and_resume(bases, manifests, tmp_path, capsys):
     base = bases["llama"]
-    s1 = stage_config(base, "stage1", manifests["asr4"], 8)
+    s1 = stage_config(base, "stage1", manifests["asr4"], 16)
     out1 = train(s1, str(tmp_path / "stage1"), curriculum.make_data(s1), progress=False)
     setup = out1["setup"]
     assert type(setup.model).__name__ == "SpeechVerseDecoder"
@@ -136,7 +136,7 @@ def test_stages_train_the_rules_set_only_loss_falls_and_resume(bases, manifests,
     # the overfit batch (4 examples, no shuffling: the same batch every step): the loss falls
     rows = [json.loads(line) for line in open(tmp_path / "stage1" / "metrics.jsonl")]
     losses = [r["loss"] for r in rows if r["kind"] == "train"]
-    assert len(losses) == 8 and losses[-1] < 0.8 * losses[0], losses
+    assert len(losses) == 16 and np.mean(losses[-3:]) < 0.88 * np.mean(losses[:3]), losses
     assert "model_tflops_per_s" not in rows[-1]  # FLOPs are modelled for the T5 layout only
 
     # stage 2: LoRA on the LLM's q and v through the same regex and rules, grafted with b = 0
