@@ -88,6 +88,8 @@ class SpeechVerseModel:
         with open(config_path) as f:
             config = ml_collections.ConfigDict(json.load(f))
         base_dir = config.base_checkpoint
+        if "layout" not in config.model:  # a run written before model.layout existed: T5, or what its base holds
+            config.model.layout = "auto"
         cfg = checkpoints.model_config_for(config.model, base_dir)
         trained, meta = load_trainable_params(run_dir, prefer=which, with_meta=True)
         if meta.get("layout", "t5") != composed.layout_of(cfg):

@@ -5,7 +5,6 @@ bit-identical, resume, infer / eval with constrained and joint decoding, and lay
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 import soundfile as sf

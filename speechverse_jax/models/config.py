@@ -54,7 +54,7 @@ def model_config(
 
 def resolve_layout(model: ml_collections.ConfigDict, base_layout: Optional[str] = None) -> str:
     """'t5' or 'decoder' from `model.layout` and the base checkpoint's own (None: no base)."""
-    want = str(model.get("layout", "auto"))
+    want = str(model.layout)
     if want not in ("auto",) + LAYOUTS:
         raise ValueError(f"model.layout must be one of {('auto',) + LAYOUTS}, got {want!r}")
     if want == "auto":
@@ -96,7 +96,7 @@ def build_model_config(
                   frozen_param_dtype=model.frozen_param_dtype)
     if layout == "decoder":
         if llm_cfg is None:
-            preset = str(model.get("llm_preset", ""))
+            preset = str(model.llm_preset)
             if preset not in presets.DECODER_LM:
                 raise ValueError(f"model.llm_preset must be one of {sorted(presets.DECODER_LM)}, got {preset!r}")
             llm_cfg = DecoderLMConfig.from_hf(presets.DECODER_LM[preset])
