@@ -6,6 +6,8 @@
     nll = model.score(["clip.wav"], ["Transcribe the preceding audio."], ["turn on the radio"])
 
 Audio is a path (any format soundfile/librosa reads; resampled to 16 kHz) or a 16 kHz float array.
+Both layouts (T5, and the decoder-only LLM of a `convert --llm` base; models/composed.py) load and
+run through this one class: the layout comes from the base checkpoint and `model.layout`.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from speechverse_jax.errors import CheckpointMismatchError
 from speechverse_jax.data.audio import SAMPLE_RATE, load_audio
 from speechverse_jax.data.batching import pad_rows
 from speechverse_jax.data.tokenizer import TextEncoder, load_tokenizer
-from speechverse_jax.models.speechverse import (SpeechVerse, SpeechVerseConfig, abstract_params, init_params_subset,
-                                                speechverse_t5, token_cross_entropy)
+from speechverse_jax.models import composed
+from speechverse_jax.models.composed import ComposedConfig, abstract_params, init_params_subset
+from speechverse_jax.models.speechverse import SpeechVerse, speechverse_t5, token_cross_entropy
+from speechverse_jax.models.speechverse_decoder import SpeechVerseDecoder
 from speechverse_jax.models.t5 import shift_right
 from speechverse_jax.models.wavlm import feature_lengths
 
@@ -39,12 +43,13 @@ class SpeechVerseModel:
 
     max_audio_seconds: float = 30.0
 
-    def __init__(self, cfg: SpeechVerseConfig, params: dict, tokenizer=None):
+    def __init__(self, cfg: ComposedConfig, params: dict, tokenizer=None):
         self.cfg = cfg
         self.params = params
         self.tokenizer = tokenizer
-        self.text = TextEncoder(tokenizer=tokenizer) if tokenizer is not None else None
-        self.module = SpeechVerse(cfg)
+        self.layout = composed.layout_of(cfg)  # 't5' or 'decoder'
+        self.text = TextEncoder(tokenizer=tokenizer, layout=self.layout) if tokenizer is not None else None
+        self.module = composed.module_for(cfg)
 
     @classmethod
     def from_base(cls, base_dir: str, model=None, seed: int = 0) -> "SpeechVerseModel":
@@ -52,13 +57,13 @@ class SpeechVerseModel:
 
         `model` is a `config.model` section (`models.config.model_config(...)`, the training
         configs' own); by default the paper's layout without LoRA."""
-        from speechverse_jax.models.config import build_model_config, model_config
+        from speechverse_jax.models.config import model_config
 
-        wavlm_cfg, t5_cfg, _ = checkpoints.load_model_config(base_dir)
-        cfg = build_model_config(model if model is not None else model_config(lora_rank=0), wavlm_cfg, t5_cfg)
+        cfg = checkpoints.model_config_for(model if model is not None else model_config(lora_rank=0), base_dir)
         base = checkpoints.load_base_params(base_dir)
+        frozen = composed.frozen_prefixes(cfg)
         fresh = init_params_subset(cfg, jax.random.PRNGKey(seed),
-                                   keep=lambda p: not p.startswith(("wavlm/", "t5/")) or "/lora_" in p)
+                                   keep=lambda p: not p.startswith(frozen) or "/lora_" in p)
         params = tree.merge(base, fresh)
         try:
             tokenizer = load_tokenizer(base_dir)
@@ -75,7 +80,6 @@ class SpeechVerseModel:
 
         import ml_collections
 
-        from speechverse_jax.models.config import build_model_config
         from speechverse_jax.train.checkpoint import load_trainable_params
 
         config_path = os.path.join(run_dir, "config.json")
@@ -84,16 +88,21 @@ class SpeechVerseModel:
         with open(config_path) as f:
             config = ml_collections.ConfigDict(json.load(f))
         base_dir = config.base_checkpoint
-        wavlm_cfg, t5_cfg, _ = checkpoints.load_model_config(base_dir)
-        cfg = build_model_config(config.model, wavlm_cfg, t5_cfg)
-        trained = load_trainable_params(run_dir, prefer=which)
+        if "layout" not in config.model:  # a run written before model.layout existed: T5, or what its base holds
+            config.model.layout = "auto"
+        cfg = checkpoints.model_config_for(config.model, base_dir)
+        trained, meta = load_trainable_params(run_dir, prefer=which, with_meta=True)
+        if meta.get("layout", "t5") != composed.layout_of(cfg):
+            raise CheckpointMismatchError(
+                f"{run_dir}: its checkpoint was trained with model.layout={meta.get('layout', 't5')!r}, but its "
+                f"config.json and base checkpoint {base_dir} make a {composed.layout_of(cfg)!r} model")
         base = checkpoints.load_base_params(base_dir)
         # the base folder is unrolled; the run may be scanned (model.scan_layers): merge unrolled,
         # then lay the whole tree out the way this model config runs it
         from speechverse_jax.models.scan_layout import tree_to_layout, unstack_layers
 
         params = tree.merge(base, tree.unflatten(unstack_layers(trained)))
-        params = tree_to_layout(params, cfg.scan_layers)
+        params = tree_to_layout(params, bool(getattr(cfg, "scan_layers", False)))
         want = tree.flatten(abstract_params(cfg))
         have = tree.flatten(params)
         missing = set(want) - set(have)
@@ -137,7 +146,7 @@ class SpeechVerseModel:
     # -- jitted pieces --------------------------------------------------------------------------
     @functools.cached_property
     def _encode_fn(self):
-        return jax.jit(lambda p, a, m: self.module.apply({"params": p}, a, m, method=SpeechVerse.encode_audio))
+        return jax.jit(lambda p, a, m: self.module.apply({"params": p}, a, m, method=type(self.module).encode_audio))
 
     @functools.cached_property
     def _logits_fn(self):
@@ -156,19 +165,52 @@ class SpeechVerseModel:
 
         return {"audio": jax.jit(from_audio), "states": jax.jit(from_states)}
 
+    @functools.cached_property
+    def _decoder_prompt_fn(self):
+        """(params, audio-or-states, mask, prefix ids, mask, suffix ids, mask) -> left-padded `Packed` prompt."""
+        def from_audio(p, audio, audio_mask, *prompt):
+            return self.module.apply({"params": p}, audio, audio_mask, *prompt, method=SpeechVerseDecoder.prompt)
+
+        def from_states(p, hidden, frame_mask, *prompt):
+            return self.module.apply({"params": p}, tuple(hidden), frame_mask, *prompt,
+                                     method=SpeechVerseDecoder.prompt_from_hidden_states)
+
+        return {"audio": jax.jit(from_audio), "states": jax.jit(from_states)}
+
+    @property
+    def eos_token_ids(self) -> List[int]:
+        """Decoder layout: the ids that end an answer (the tokenizer's EOS, which training appends,
+        and the LLM config's)."""
+        ids = [int(self.tokenizer.eos_token_id)] if self.tokenizer is not None and \
+            self.tokenizer.eos_token_id is not None else []
+        return ids + [int(e) for e in self.cfg.llm.eos_token_ids if int(e) not in ids]
+
     def generate_ids(self, inputs: Tuple[np.ndarray, np.ndarray], instruction_ids: np.ndarray,
-                     instruction_mask: np.ndarray, gen=None, constraint=None, from_states: bool = False):
+                     instruction_mask: np.ndarray, gen=None, constraint=None, from_states: bool = False,
+                     prefix_ids: Optional[np.ndarray] = None, prefix_mask: Optional[np.ndarray] = None):
         """Batched generation from padded arrays: audio `[b, samples]` + mask, or cached encoder
-        states `[b, L+1, frames, dim]` + frame mask (`from_states`). Returns `decode.generate.Generated`."""
+        states `[b, L+1, frames, dim]` + frame mask (`from_states`), and the prompt arrays of
+        `self.text.encode_prompts_padded` (the decoder layout needs `prefix_ids` / `prefix_mask`).
+        Returns `decode.generate.Generated`."""
         from speechverse_jax.decode.generate import GenerateConfig, generate
 
         x, mask = inputs
         if from_states:
             x = np.moveaxis(x, 1, 0)
+        gen = gen or GenerateConfig()
+        if self.layout == "decoder":
+            from speechverse_jax.decode.generate_decoder import generate_lm
+
+            if prefix_ids is None or prefix_mask is None:
+                raise ValueError("generate_ids: the decoder-only layout needs prefix_ids and prefix_mask "
+                                 "(model.text.encode_prompts_padded)")
+            packed = self._decoder_prompt_fn["states" if from_states else "audio"](
+                self.params, x, mask, prefix_ids, prefix_mask, instruction_ids, instruction_mask)
+            return generate_lm(self.cfg.lm(), self.params["llm"], packed.embeddings, packed.mask, gen,
+                               constraint=constraint, eos_token_id=self.eos_token_ids)
         enc, enc_mask = self._t5_encode_fn["states" if from_states else "audio"](
             self.params, x, mask, instruction_ids, instruction_mask)
-        return generate(speechverse_t5(self.cfg), self.params["t5"], enc, enc_mask, gen or GenerateConfig(),
-                        constraint=constraint)
+        return generate(speechverse_t5(self.cfg), self.params["t5"], enc, enc_mask, gen, constraint=constraint)
 
     def decode_text(self, generated) -> List[str]:
         tokens, lengths = np.asarray(generated.tokens), np.asarray(generated.lengths)
@@ -185,14 +227,15 @@ class SpeechVerseModel:
         if len(audio) != len(instructions):
             raise ValueError(f"{len(audio)} audio inputs but {len(instructions)} instructions")
         batch, mask, _ = self._audio_batch(audio, SAMPLE_RATE)
-        ins, ins_mask = self._text_batch(instructions, "instruction", 16)
+        self._text_batch(instructions, "instruction")  # refuses empty instructions
+        prompt = self.text.encode_prompts_padded(instructions, 16)
         constraint = None
         if task:
             constraint = constraint_for_task(task, self.tokenizer, labels=labels)
         elif labels:
             constraint = label_constraint(list(labels), tokenizer_fns(self.tokenizer)[0], self.tokenizer.eos_token_id)
         gen = GenerateConfig(max_new_tokens=max_new_tokens, num_beams=num_beams, length_penalty=length_penalty)
-        return self.decode_text(self.generate_ids((batch, mask), ins, ins_mask, gen, constraint))
+        return self.decode_text(self.generate_ids((batch, mask), gen=gen, constraint=constraint, **prompt))
 
     # -- public ---------------------------------------------------------------------------------
     def encode(self, audio: Sequence[Audio]) -> List[np.ndarray]:
@@ -206,8 +249,16 @@ class SpeechVerseModel:
     def logits(self, audio: Sequence[Audio], instructions: Sequence[str], targets: Sequence[str]):
         """Teacher-forced logits `[target_tokens, vocab]` per example, and the target ids."""
         batch, mask, _ = self._audio_batch(audio)
-        ins, ins_mask = self._text_batch(instructions, "instruction")
         tgt, tgt_mask = self._text_batch(targets, "target")
+        if self.layout == "decoder":
+            self._text_batch(instructions, "instruction")
+            prompt = self.text.encode_prompts_padded(instructions)
+            out, ids, on = self._logits_fn(self.params, batch, mask, prompt["prefix_ids"], prompt["prefix_mask"],
+                                           prompt["instruction_ids"], prompt["instruction_mask"], tgt,
+                                           jnp.asarray(tgt_mask))
+            out, ids, on = np.asarray(out), np.asarray(ids), np.asarray(on)
+            return [(out[i][on[i]], ids[i][on[i]]) for i in range(len(targets))]
+        ins, ins_mask = self._text_batch(instructions, "instruction")
         dec_in = shift_right(jnp.asarray(tgt), self.cfg.t5.decoder_start_token_id, self.cfg.t5.pad_token_id)
         out = self._logits_fn(self.params, batch, mask, ins, ins_mask, dec_in, jnp.asarray(tgt_mask))
         out = np.asarray(out)

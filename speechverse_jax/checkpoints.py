@@ -5,6 +5,9 @@ Layout of a folder written by `speechverse-jax convert`:
     OUT/
       model_config.json   {"wavlm": {...}, "t5": {...}, "dtype": ..., "source": {...}}
       params/             orbax checkpoint of {"wavlm": {...}, "t5": {...}}
+
+A decoder-only base (`convert --llm`) holds `"llm"` (a `DecoderLMConfig`) instead of `"t5"` and
+records `"llm_type": "decoder"`; `base_layout` / `load_base_config` read either.
       spiece.model ...    tokenizer files carried over from the HF T5 folder
       verify_report.json  when converted with --verify
 
@@ -22,6 +25,8 @@ from typing import Any, Dict, Optional, Tuple
 import orbax.checkpoint as ocp
 
 from speechverse_jax import fs, tree
+from speechverse_jax.models.composed import LLM_KEYS
+from speechverse_jax.models.decoder_lm import DecoderLMConfig
 from speechverse_jax.models.t5 import T5Config
 from speechverse_jax.models.wavlm import WavLMConfig
 
@@ -75,22 +80,64 @@ def save_base(
         os.rename(work, out_dir)
 
 
-def load_model_config(base_dir: str) -> Tuple[WavLMConfig, T5Config, dict]:
-    """(WavLM config, T5 config, the whole model_config.json dict) of a converted folder."""
+def _read_model_config(base_dir: str) -> Tuple[str, dict]:
     path = os.path.join(str(base_dir), MODEL_CONFIG)
     if not fs.exists(path):
         raise BaseCheckpointError(
             f"{base_dir}: no {MODEL_CONFIG}; is this a folder written by `speechverse-jax convert`?"
         )
-    raw = json.loads(fs.read_text(path))
-    for key in ("wavlm", "t5"):
-        if key not in raw:
-            raise BaseCheckpointError(f"{path}: missing the {key!r} section")
-    return WavLMConfig.from_dict(raw["wavlm"]), T5Config.from_dict(raw["t5"]), raw
+    return path, json.loads(fs.read_text(path))
+
+
+def base_layout(raw: dict) -> str:
+    """'t5' or 'decoder': which LLM a model_config.json dict describes (older folders: T5)."""
+    return "decoder" if raw.get("llm_type") == "decoder" or ("llm" in raw and "t5" not in raw) else "t5"
+
+
+def load_base_config(base_dir: str) -> Tuple[str, WavLMConfig, Any, dict]:
+    """(layout 't5' | 'decoder', WavLM config, LLM config (`T5Config` | `DecoderLMConfig`), the
+    whole model_config.json dict) of a converted folder of either kind."""
+    path, raw = _read_model_config(base_dir)
+    layout = base_layout(raw)
+    key = LLM_KEYS[layout]
+    for k in ("wavlm", key):
+        if k not in raw:
+            raise BaseCheckpointError(f"{path}: missing the {k!r} section")
+    llm_cls = DecoderLMConfig if layout == "decoder" else T5Config
+    return layout, WavLMConfig.from_dict(raw["wavlm"]), llm_cls.from_dict(raw[key]), raw
+
+
+def load_layout_config(base_dir: str, layout: str) -> Tuple[WavLMConfig, Any, dict]:
+    """(WavLM config, LLM config, dict) of a base folder that must hold the `layout` LLM; another
+    layout's folder is refused with a message naming both."""
+    found, wavlm, llm, raw = load_base_config(base_dir)
+    if found != layout:
+        what = {"t5": "a T5 encoder-decoder (`convert --t5`)", "decoder": "a decoder-only LLM (`convert --llm`)"}
+        raise BaseCheckpointError(
+            f"{base_dir} holds {what[found]}, but it is being loaded as {what[layout]}: set model.layout to "
+            f"'auto' (or {found!r}), or use a base folder converted for the {layout!r} layout")
+    return wavlm, llm, raw
+
+
+def model_config_for(model, base_checkpoint: str = ""):
+    """`config.model` + the base checkpoint folder (empty: presets) -> the composed model config
+    (`SpeechVerseConfig` or `SpeechVerseDecoderConfig`); the layout is `model.layout` checked
+    against what the folder holds (`models.config.resolve_layout`)."""
+    from speechverse_jax.models.config import build_model_config, resolve_layout
+
+    if not base_checkpoint:
+        return build_model_config(model, layout=resolve_layout(model))
+    found, wavlm_cfg, llm_cfg, _ = load_base_config(base_checkpoint)
+    return build_model_config(model, wavlm_cfg, llm_cfg, layout=resolve_layout(model, found))
+
+
+def load_model_config(base_dir: str) -> Tuple[WavLMConfig, T5Config, dict]:
+    """(WavLM config, T5 config, the whole model_config.json dict) of a T5 (`convert --t5`) folder."""
+    return load_layout_config(base_dir, "t5")
 
 
 def load_base_params(base_dir: str, target: Any = None) -> Dict[str, Any]:
-    """The frozen params `{'wavlm', 't5'}`; `target` (abstract arrays with shardings) places them."""
+    """The frozen params `{'wavlm', 't5' | 'llm'}`; `target` (abstract arrays with shardings) places them."""
     path = os.path.join(fs.abs_path(base_dir), PARAMS)
     if not fs.exists(path):
         raise BaseCheckpointError(f"{base_dir}: no {PARAMS}/ checkpoint")

@@ -239,3 +239,37 @@ def save_gemma3_multimodal(out_dir: str, seed: int = 0) -> str:
     _randomize_lm(model, "gemma3", text.hidden_size, torch)
     model.save_pretrained(out_dir)
     return out_dir
+
+
+# Token ids 0..2 agree with `TINY_DECODER_LMS` (pad, bos, eos); the rest are a tiny chat format's.
+DECODER_SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def save_decoder_tokenizer(out_dir: str, texts: Sequence[str], vocab_size: int = 192,
+                           chat_template: Optional[str] = None) -> str:
+    """A small BPE tokenizer (every printable ASCII character in its alphabet, merges learnt from
+    `texts`, spaces kept as a metaspace) saved with `save_pretrained`, for a tiny decoder-only LM
+    of the same `vocab_size`; `chat_template` (e.g. `TINY_CHAT_TEMPLATE`) or none (the plain prompt)."""
+    import string
+
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=DECODER_SPECIALS, show_progress=False,
+                                  initial_alphabet=list(string.ascii_letters + string.digits + string.punctuation + "\n"))
+    tok.train_from_iterator(list(texts), trainer)
+    if tok.get_vocab_size() > vocab_size:
+        raise ValueError(f"save_decoder_tokenizer: {tok.get_vocab_size()} tokens > vocab_size {vocab_size}")
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                                pad_token="<pad>", unk_token="<unk>",
+                                                additional_special_tokens=DECODER_SPECIALS[4:])
+    if chat_template:
+        fast.chat_template = chat_template
+    fast.save_pretrained(out_dir)
+    return out_dir

@@ -143,7 +143,7 @@ def test_stage1_checkpoint_grafts_into_stage2_with_identical_outputs(tiny_base, 
 
     def logits(setup):
         params = tree_lib.merge(setup.trainable, setup.frozen)
-        return np.asarray(_forward(setup.model, params, {k: jax.numpy.asarray(v) for k, v in batch.items()}, True))
+        return np.asarray(_forward(setup.model, params, {k: jax.numpy.asarray(v) for k, v in batch.items()}, True)[0])
 
     np.testing.assert_array_equal(logits(setup1), logits(setup2))
 

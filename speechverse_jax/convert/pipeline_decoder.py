@@ -10,7 +10,6 @@ The same folder layout as the T5 path (`checkpoints.py`), with the LLM under `ll
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Dict, Optional, Tuple
 
@@ -50,11 +49,4 @@ def convert_decoder_checkpoints(wavlm_dir: str, llm_dir: str, out_dir: str, dtyp
 
 def load_decoder_model_config(base_dir: str) -> Tuple[WavLMConfig, DecoderLMConfig, dict]:
     """(WavLM config, LLM config, the whole model_config.json dict) of a `convert --llm` folder."""
-    path = os.path.join(str(base_dir), checkpoints.MODEL_CONFIG)
-    if not fs.exists(path):
-        raise checkpoints.BaseCheckpointError(f"{base_dir}: no {checkpoints.MODEL_CONFIG}")
-    raw = json.loads(fs.read_text(path))
-    for key in ("wavlm", "llm"):
-        if key not in raw:
-            raise checkpoints.BaseCheckpointError(f"{path}: missing the {key!r} section (not a `convert --llm` folder?)")
-    return WavLMConfig.from_dict(raw["wavlm"]), DecoderLMConfig.from_dict(raw["llm"]), raw
+    return checkpoints.load_layout_config(base_dir, "decoder")

@@ -28,6 +28,9 @@ Batch (numpy; what the train step consumes; B = batch_size / process count):
     audio [B, S] float32, audio_mask [B, S] bool, instruction_ids [B, I] int32,
     instruction_mask [B, I] bool, target_ids [B, T] int32 (each row ends with EOS),
     target_mask [B, T] bool, task_id [B] int32 (index into tasks.TASK_NAMES),
+    (decoder-only layout, `TextEncoder(layout='decoder')`: also prefix_ids / prefix_mask [B, P], the
+    chat prompt before the audio; instruction_ids then hold the prompt after it, target_ids the
+    answer + EOS without BOS; every part right-padded and bucketed by `instruction_buckets`),
     example_mask [B] bool, and `meta` (a dict the train step ignores: epoch, batch, ids, tasks,
     instructions, choices, joint, skipped).
 """
@@ -139,11 +142,15 @@ class BatchLoader:
         rows: List[Optional[_Row]] = [self._row(plan, int(p)) for p in positions]
         rows += [None] * (self.batch_size - len(rows))
         # Shapes from the whole global batch, so every process pads to the same buckets.
-        texts = [t for r in rows if r is not None for t in (r.instruction, r.target)]
-        ids = iter(self.encoder.encode(texts))
-        tokens = [(next(ids), next(ids)) if r is not None else None for r in rows]
+        live_rows = [r for r in rows if r is not None]
+        prompts = iter(self.encoder.encode_prompts([r.instruction for r in live_rows]))
+        targets = iter(self.encoder.encode([r.target for r in live_rows]))
+        # per row: (instruction ids, target ids, prefix ids); the prefix is empty in the T5 layout
+        tokens = [(lambda p, t: (p[1], t, p[0]))(next(prompts), next(targets)) if r is not None else None
+                  for r in rows]
         max_ins, max_tgt = self.instruction_buckets[-1], min(self.max_target, self.target_buckets[-1])
-        fits = [t is not None and len(t[0]) <= max_ins and len(t[1]) <= max_tgt for t in tokens]
+        fits = [t is not None and len(t[0]) <= max_ins and len(t[1]) <= max_tgt and len(t[2]) <= max_ins
+                for t in tokens]
         live = [k for k, ok in enumerate(fits) if ok]
         src_samples = [self.sources[int(plan.source[p])].samples[int(plan.index[p])] for p in positions]
         # (the resampling slack never pushes a clip that fits max_audio_seconds past the last bucket)
@@ -151,6 +158,8 @@ class BatchLoader:
                          self.audio_buckets)
         n_ins = bucket(max([len(tokens[k][0]) for k in live], default=1), self.instruction_buckets)
         n_tgt = bucket(max([len(tokens[k][1]) for k in live], default=1), self.target_buckets)
+        with_prefix = self.encoder.layout == "decoder"
+        n_pre = bucket(max([len(tokens[k][2]) for k in live], default=1), self.instruction_buckets)
 
         b = self.rows_per_host
         lo = self.shard_index * b
@@ -162,6 +171,8 @@ class BatchLoader:
             "target_ids": np.zeros((b, n_tgt), np.int32), "target_mask": np.zeros((b, n_tgt), bool),
             "task_id": np.zeros((b,), np.int32), "example_mask": np.zeros((b,), bool),
         }
+        if with_prefix:
+            out["prefix_ids"], out["prefix_mask"] = np.zeros((b, n_pre), np.int32), np.zeros((b, n_pre), bool)
         meta = {"epoch": epoch, "batch": j, "global_batch": int(global_batch), "ids": [], "tasks": [],
                 "instructions": [], "targets": [], "choices": [], "joint": [], "descriptions": [], "skipped": [],
                 "shape": (n_audio, n_ins, n_tgt)}
@@ -170,8 +181,9 @@ class BatchLoader:
             row, ok = rows[k], fits[k]
             audio = None
             if row is not None and not ok:
-                got_ins, got_tgt = len(tokens[k][0]), len(tokens[k][1])
-                reason = "instruction_too_long" if got_ins > max_ins else "target_too_long"
+                got_ins, got_tgt = len(tokens[k][0]) + len(tokens[k][2]), len(tokens[k][1])
+                reason = ("instruction_too_long" if max(len(tokens[k][0]), len(tokens[k][2])) > max_ins
+                          else "target_too_long")
                 meta["skipped"].append((reason, row.example.where,
                                         f"{got_ins} instruction / {got_tgt} target tokens"))
             elif row is not None:
@@ -187,8 +199,13 @@ class BatchLoader:
                 out["audio_mask"][r, :pad_audio] = True
                 out["instruction_ids"][r, 0] = out["target_ids"][r, 0] = eos
                 out["instruction_mask"][r, 0] = out["target_mask"][r, 0] = True
+                if with_prefix:
+                    out["prefix_ids"][r, 0], out["prefix_mask"][r, 0] = eos, True
                 continue
-            ins, tgt = tokens[k]
+            ins, tgt, pre = tokens[k]
+            if with_prefix:
+                out["prefix_ids"][r, : len(pre)] = pre
+                out["prefix_mask"][r, : len(pre)] = True
             out["audio"][r, : audio.size] = audio
             out["audio_mask"][r, : audio.size] = True
             out["instruction_ids"][r, : len(ins)] = ins
@@ -387,10 +404,13 @@ class ManifestData:
     """What the train loop needs (`train.loop.TrainData`): train iterator, eval batches, stats."""
 
     def __init__(self, config, tokenizer: Any = None, shard_index: Optional[int] = None,
-                 shard_count: Optional[int] = None, shard_options=None):
+                 shard_count: Optional[int] = None, shard_options=None, layout: str = "t5"):
+        """`layout`: the model's ('t5' or 'decoder', models/composed.py), which decides how prompts
+        and targets are tokenized (`TextEncoder`); a given `TextEncoder` brings its own."""
         self.config = config
         self.task_names = list(tasks_lib.TASK_NAMES)
-        self.encoder = tokenizer if isinstance(tokenizer, TextEncoder) else TextEncoder(config.tokenizer, tokenizer)
+        self.encoder = tokenizer if isinstance(tokenizer, TextEncoder) else TextEncoder(config.tokenizer, tokenizer,
+                                                                                        layout=layout)
         self.encoder.tokenizer  # load it here, before grain's reader threads or workers start
         self._shard = dict(shard_index=shard_index, shard_count=shard_count, shard_options=shard_options)
         self.train = Pipeline(config.train_manifests, config, self.encoder, train=True, **self._shard) \

@@ -356,14 +356,14 @@ def _run_batch(model, task, t, setting, chunk, idx, gen, cache, constraints, con
         if key not in constraints:
             constraints[key] = constraint_for_task(task, model.tokenizer, labels=list(_label_key(labels)))
         constraint = constraints[key]
-    ins, ins_mask = model.text.encode_padded(instructions, 16)
+    prompt = model.text.encode_prompts_padded(instructions, 16)  # (+ prefix_* in the decoder-only layout)
     if cache is not None:
         states = [cache.states[ex.id].transpose(1, 0, 2) for ex in chunk]  # [frames, L+1, dim]
         x, mask = pad_rows(states, 8, np.float32)
         inputs, from_states = (x.transpose(0, 2, 1, 3), mask), True
     else:
         inputs, from_states = pad_rows(clips, SAMPLE_RATE, np.float32), False
-    out = model.generate_ids(inputs, ins, ins_mask, gen, constraint, from_states=from_states)
+    out = model.generate_ids(inputs, gen=gen, constraint=constraint, from_states=from_states, **prompt)
     texts = model.decode_text(out)
     rows = [{"id": ex.id, "task": task, "setting": setting.name, "split": setting.split,
              "instruction": ins_text, "reference": ref, "hypothesis": hyp, "audio": ex.audio}

@@ -207,19 +207,24 @@ def init_params(cfg: SpeechVerseConfig, rng: jax.Array, batch: int = 1, samples:
     return params
 
 
-def abstract_params(cfg: SpeechVerseConfig) -> Any:
-    """Shape-only params (`jax.ShapeDtypeStruct` leaves, unboxed) of the composed model."""
-    return nn.unbox(jax.eval_shape(lambda r: init_params(cfg, r), jax.random.PRNGKey(0)))
+def abstract_params(cfg: SpeechVerseConfig, init_fn=None) -> Any:
+    """Shape-only params (`jax.ShapeDtypeStruct` leaves, unboxed) of the composed model
+    (`init_fn(cfg, rng)`: another layout's `init_params`; default this module's)."""
+    init_fn = init_fn or init_params
+    return nn.unbox(jax.eval_shape(lambda r: init_fn(cfg, r), jax.random.PRNGKey(0)))
 
 
-def init_params_subset(cfg: SpeechVerseConfig, rng: jax.Array, keep, out_shardings=None) -> dict:
+def init_params_subset(cfg: SpeechVerseConfig, rng: jax.Array, keep, out_shardings=None, init_fn=None) -> dict:
     """Random init of only the leaves whose '/'-joined path satisfies `keep(path)`.
 
     Runs `init` under jit and returns the kept leaves only, so XLA drops the work for the rest:
     initialising the adaptor and LoRA of a 3B model does not materialise its frozen weights.
     `out_shardings` (a flat dict path -> sharding) creates the leaves directly where they belong.
+    `init_fn(cfg, rng)`: another layout's `init_params` (default this module's).
     """
+    init_fn = init_fn or init_params
+
     def fn(rng):
-        return {k: v for k, v in tree.flatten(nn.unbox(init_params(cfg, rng))).items() if keep(k)}
+        return {k: v for k, v in tree.flatten(nn.unbox(init_fn(cfg, rng))).items() if keep(k)}
 
     return tree.unflatten(jax.jit(fn, out_shardings=out_shardings)(rng))

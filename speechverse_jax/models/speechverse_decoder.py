@@ -33,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from speechverse_jax import rules, tree
 from speechverse_jax.models.decoder_lm import DecoderLM, DecoderLMConfig
 from speechverse_jax.models.downsampler import LAYER_COMBINATIONS, Downsampler, LayerCombination
 from speechverse_jax.models.layers import LoRAConfig, constrain
@@ -216,10 +217,29 @@ class SpeechVerseDecoder(nn.Module):
     def prompt(self, audio, audio_mask, prefix_ids, prefix_mask, suffix_ids, suffix_mask) -> Packed:
         """The left-padded generation prompt (no answer) from raw audio."""
         hidden, frame_mask = self.encode_audio(audio, audio_mask)
-        return self.pack(self.adapt(hidden, frame_mask), prefix_ids, prefix_mask, suffix_ids, suffix_mask,
+        return self.prompt_from_hidden_states(hidden, frame_mask, prefix_ids, prefix_mask, suffix_ids, suffix_mask)
+
+    def prompt_from_hidden_states(self, hidden_states, frame_mask, prefix_ids, prefix_mask, suffix_ids,
+                                  suffix_mask) -> Packed:
+        """The left-padded generation prompt from (e.g. cached) encoder hidden states."""
+        return self.pack(self.adapt(hidden_states, frame_mask), prefix_ids, prefix_mask, suffix_ids, suffix_mask,
                          left_pad=True)
 
 
 def answer_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array):
     """Mean cross-entropy over answer tokens (and per-example sums), as `token_cross_entropy`."""
     return token_cross_entropy(logits, targets, loss_mask)
+
+
+def init_params(cfg: SpeechVerseDecoderConfig, rng: jax.Array, batch: int = 1, samples: int = 16000,
+                text_len: int = 4):
+    """Random params (boxed with logical axes) for shape inference and tests."""
+    audio = jnp.zeros((batch, samples), jnp.float32)
+    ids = jnp.zeros((batch, text_len), jnp.int32)
+    mask = jnp.ones_like(ids, bool)
+    params = SpeechVerseDecoder(cfg).init(rng, audio, jnp.ones_like(audio, bool), ids, mask, ids, mask, ids,
+                                          mask)["params"]
+    if cfg.lora is not None:  # a LoRA target regex that adapts nothing is a mistake, not a no-op
+        rules.check_used([cfg.lora.target_regex], sorted({k.rsplit("/", 1)[0] for k in tree.flatten(params)}),
+                         "model.lora.target_regex")
+    return params

@@ -414,14 +414,15 @@ def write_config(workdir: str, config) -> str:
     return path
 
 
-def load_trainable_params(path: str, prefer: str = "best") -> Dict[str, np.ndarray]:
+def load_trainable_params(path: str, prefer: str = "best", with_meta: bool = False):
     """Trainable params (flat) of a run folder: its best checkpoint, else its latest (or the
-    reverse with prefer='latest'); a checkpoint-manager folder works too."""
+    reverse with prefer='latest'); a checkpoint-manager folder works too. `with_meta`: also the
+    checkpoint's meta dict (`layout`, `config`, ...)."""
     order = ("best", "checkpoints") if prefer == "best" else ("checkpoints", "best")
     candidates = [os.path.join(path, sub) for sub in order] + [path]
     for c in candidates:
         try:
-            step, _ = read_meta(c)
+            step, meta = read_meta(c)
         except (FileNotFoundError, ValueError, OSError):
             continue
         directory = fs.abs_path(c)
@@ -437,5 +438,6 @@ def load_trainable_params(path: str, prefer: str = "best") -> Dict[str, np.ndarr
             target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=everywhere),
                                             metadata.tree if hasattr(metadata, "tree") else metadata)
             state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
-        return {k: np.asarray(v) for k, v in tree.flatten(state["params"]).items()}
+        params = {k: np.asarray(v) for k, v in tree.flatten(state["params"]).items()}
+        return (params, meta) if with_meta else params
     raise FileNotFoundError(f"{path}: no checkpoint under {candidates}")

@@ -10,15 +10,16 @@ from speechverse_jax.train.partitioning import DEFAULT_RULES
 # Which params train, per curriculum stage: ordered (regex, label) over param paths, matched with
 # re.fullmatch; the first match wins, every param must be matched and every rule must match
 # something (speechverse_jax/rules.py). layer_weights exist only with layer_combination='weighted',
-# so they share a rule with the downsampler, which always exists.
+# so they share a rule with the downsampler, which always exists. The LLM is `t5/` in the T5
+# layout and `llm/` in the decoder-only one (models/composed.py): the same rules serve both.
 RULES_STAGE1 = (
     (r"(downsampler|layer_weights)/.*", "train"),
-    (r"(wavlm|t5)/.*", "freeze"),
+    (r"(wavlm|t5|llm)/.*", "freeze"),
 )
 RULES_STAGE2 = (
-    (r"t5/.*/lora_[ab]", "train"),
+    (r"(t5|llm)/.*/lora_[ab]", "train"),
     (r"(downsampler|layer_weights)/.*", "train"),
-    (r"(wavlm|t5)/.*", "freeze"),
+    (r"(wavlm|t5|llm)/.*", "freeze"),
 )
 
 

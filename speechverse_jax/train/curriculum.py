@@ -19,15 +19,18 @@ DONE = "DONE.json"
 
 
 def make_data(config) -> TrainData:
-    """The manifest pipeline of `config.data`; the tokenizer defaults to the base checkpoint's."""
+    """The manifest pipeline of `config.data`; the tokenizer defaults to the base checkpoint's, the
+    prompt format follows the model's layout (`model.layout` and the base checkpoint)."""
+    from speechverse_jax.checkpoints import model_config_for
     from speechverse_jax.data.loader import ManifestData
+    from speechverse_jax.models.composed import layout_of
 
     if not config.data.tokenizer:
         if not config.base_checkpoint:
             raise ValueError("config.data.tokenizer is empty and there is no config.base_checkpoint to take it from")
         with config.unlocked():
             config.data.tokenizer = config.base_checkpoint
-    return ManifestData(config.data)
+    return ManifestData(config.data, layout=layout_of(model_config_for(config.model, config.base_checkpoint)))
 
 
 def check_config(config) -> None:

@@ -23,9 +23,11 @@ import numpy as np
 from speechverse_jax import tree as tree_lib
 from speechverse_jax.data.audio import SAMPLE_RATE
 from speechverse_jax import checkpoints as base_ckpt
-from speechverse_jax.models import config as model_cfg_lib
+from speechverse_jax.errors import CheckpointMismatchError
+from speechverse_jax.models import composed
 from speechverse_jax.models import lora as lora_lib
-from speechverse_jax.models.speechverse import SpeechVerse, SpeechVerseConfig, init_params, init_params_subset
+from speechverse_jax.models.composed import ComposedConfig, init_params, init_params_subset
+from speechverse_jax.models.speechverse import SpeechVerseConfig
 from speechverse_jax.models import scan_layout
 from speechverse_jax.models.layers import with_activation_sharding
 from speechverse_jax.train import checkpoint as ckpt_lib
@@ -60,8 +62,8 @@ class NonFiniteError(RuntimeError):
 class Setup:
     """Everything built from the config before the first step."""
 
-    model_cfg: SpeechVerseConfig
-    model: SpeechVerse
+    model_cfg: ComposedConfig  # SpeechVerseConfig (layout 't5') or SpeechVerseDecoderConfig ('decoder')
+    model: Any  # SpeechVerse or SpeechVerseDecoder (models/composed.py)
     mesh: jax.sharding.Mesh
     labels: Dict[str, str]
     frozen: Any
@@ -73,11 +75,9 @@ class Setup:
 def build_setup(config, mesh: Optional[jax.sharding.Mesh] = None, log_fn: Callable = print) -> Setup:
     """Model config, mesh, param labels; frozen params restored and trainable params initialised
     (or taken from the previous stage, LoRA grafted) directly into their shardings."""
-    wavlm_cfg = t5_cfg = None
-    if config.base_checkpoint:
-        wavlm_cfg, t5_cfg, _ = base_ckpt.load_model_config(config.base_checkpoint)
-    model_cfg = model_cfg_lib.build_model_config(config.model, wavlm_cfg, t5_cfg)
-    model = SpeechVerse(model_cfg)
+    model_cfg = base_ckpt.model_config_for(config.model, config.base_checkpoint)
+    model = composed.module_for(model_cfg)
+    layout = composed.layout_of(model_cfg)
     if mesh is None:
         mesh = partitioning.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     rules = partitioning.rules_from_config(config.mesh.rules)
@@ -92,7 +92,7 @@ def build_setup(config, mesh: Optional[jax.sharding.Mesh] = None, log_fn: Callab
     train_paths = {k for k, v in labels.items() if v == opt_lib.TRAIN}
     frozen = {}
     if config.base_checkpoint:
-        in_base = {k for k in frozen_paths if k.startswith(("wavlm/", "t5/"))}
+        in_base = {k for k in frozen_paths if k.startswith(composed.frozen_prefixes(model_cfg))}
         target = tree_lib.unflatten({k: jax.ShapeDtypeStruct(abstract[k].shape, abstract[k].dtype, sharding=shardings[k])
                           for k in in_base})
         frozen = tree_lib.flatten(base_ckpt.load_base_params(config.base_checkpoint, target))
@@ -108,7 +108,13 @@ def build_setup(config, mesh: Optional[jax.sharding.Mesh] = None, log_fn: Callab
     init_from = config.train.init_from
     if init_from:
         # the previous stage may have run with the other layer layout (model.scan_layers)
-        previous = scan_layout.to_layout(ckpt_lib.load_trainable_params(init_from), scan_layout.is_scanned(abstract))
+        loaded, meta = ckpt_lib.load_trainable_params(init_from, with_meta=True)
+        if meta.get("layout", "t5") != layout:  # (checkpoints written before the decoder layout: T5)
+            raise CheckpointMismatchError(
+                f"train.init_from={init_from} was trained with model.layout={meta.get('layout', 't5')!r}, but this "
+                f"stage runs model.layout={layout!r} (base checkpoint {config.base_checkpoint or '(presets)'}): "
+                "start from a run of the same layout")
+        previous = scan_layout.to_layout(loaded, scan_layout.is_scanned(abstract))
         trainable, grafted = lora_lib.graft_lora(previous, trainable, where=f"train.init_from={init_from}")
         for k in previous:
             trainable[k] = jax.device_put(np.asarray(previous[k], abstract[k].dtype), shardings[k])
@@ -146,8 +152,11 @@ def _flops_for_shapes(model_cfg: SpeechVerseConfig, rows: int, samples: int, fra
     return train_step_flops(model_cfg, rows, samples, instruction, target, audio_frames=frames)["total"]
 
 
-def _step_flops(model_cfg: SpeechVerseConfig, batch) -> float:
-    """Analytic model FLOPs of one train step on this global batch's padded shapes."""
+def _step_flops(model_cfg: ComposedConfig, batch) -> float:
+    """Analytic model FLOPs of one train step on this global batch's padded shapes (T5 layout;
+    0 for the decoder-only layout, whose FLOPs are not modelled: no TFLOP/s or MFU is logged)."""
+    if not isinstance(model_cfg, SpeechVerseConfig):
+        return 0.0
     rows = batch["target_ids"].shape[0] * jax.process_count()
     ins, tgt = batch["instruction_ids"].shape[1], batch["target_ids"].shape[1]
     if "hidden_states" in batch:  # cached encoder states [b, L+1, frames, dim]: no encoder forward
@@ -182,7 +191,7 @@ def evaluate(setup: Setup, params_trainable, data: TrainData, eval_fn) -> Dict[s
 class ThroughputMeter:
     """Audio seconds, target tokens and model FLOPs per wall second since the last `record`."""
 
-    def __init__(self, model_cfg: SpeechVerseConfig, peak_flops: Optional[float]):
+    def __init__(self, model_cfg: ComposedConfig, peak_flops: Optional[float]):
         self.model_cfg, self.peak = model_cfg, peak_flops
         self.reset()
 
@@ -202,8 +211,10 @@ class ThroughputMeter:
         elapsed = max(time.time() - self.t0, 1e-9)
         if self.steps:
             out = dict(step_time_s=elapsed / self.steps, audio_seconds_per_s=self.audio_s / elapsed,
-                       target_tokens_per_s=self.tokens / elapsed, model_tflops_per_s=self.flops / elapsed / 1e12)
-            if self.peak:
+                       target_tokens_per_s=self.tokens / elapsed)
+            if self.flops:
+                out["model_tflops_per_s"] = self.flops / elapsed / 1e12
+            if self.peak and self.flops:
                 out["mfu"] = self.flops / elapsed / self.peak
         self.reset()
         return out
@@ -312,7 +323,7 @@ def train(config, workdir: str, data: TrainData, mesh=None, progress: bool = Tru
 
     def save(step, best=False):
         meta = {"config": config.to_dict() if hasattr(config, "to_dict") else dict(config),
-                "base_checkpoint": config.base_checkpoint, "best_val_loss": stopper.best,
+                "base_checkpoint": config.base_checkpoint, "layout": composed.layout_of(setup.model_cfg), "best_val_loss": stopper.best,
                 "evals_without_improvement": stopper.without_improvement, "step": step}
         checkpointer.save(step, state, data_iter.get_state(), meta, best=best)
 
@@ -321,7 +332,7 @@ def train(config, workdir: str, data: TrainData, mesh=None, progress: bool = Tru
     stop_reason = "max_steps"
     bar = tqdm(total=max_steps, initial=step, disable=not (progress and is_main), desc="train", unit="step",
                dynamic_ncols=True)
-    meter = ThroughputMeter(setup.model_cfg, _peak_flops(bool(tcfg.log_mfu), say))
+    meter = ThroughputMeter(setup.model_cfg, _peak_flops(bool(tcfg.log_mfu) and isinstance(setup.model_cfg, SpeechVerseConfig), say))
     compile_s = None
     try:
         while step < max_steps:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from speechverse_jax.models.speechverse import SpeechVerse, token_cross_entropy
+from speechverse_jax.models.speechverse_decoder import SpeechVerseDecoder
 from speechverse_jax.models.t5 import shift_right
 from speechverse_jax.tree import merge
 
@@ -42,22 +43,32 @@ def init_state(trainable: Any, tx: optax.GradientTransformation, seed: int) -> T
     )
 
 
-def _forward(model: SpeechVerse, params: Any, batch: Batch, deterministic: bool, rng=None) -> jax.Array:
-    """Teacher-forced logits from raw audio or from cached encoder states (`hidden_states`)."""
+def _forward(model, params: Any, batch: Batch, deterministic: bool, rng=None):
+    """Teacher-forced (logits `[b, t, vocab]`, targets `[b, t]`, loss mask `[b, t]`) from raw audio
+    or from cached encoder states (`hidden_states`), for either layout.
+
+    T5: the decoder reads `target_ids` shifted right; targets are `target_ids` under `target_mask`.
+    Decoder-only: `[prefix_ids | audio | instruction_ids | target_ids]` packed with right padding;
+    the loss is on the positions that predict a target (answer) token, EOS included.
+    """
+    rngs = None if deterministic else {"dropout": rng}
+    cached = "hidden_states" in batch  # [b, L+1, frames, dim], cached frozen-encoder outputs
+    audio = ((tuple(jnp.moveaxis(batch["hidden_states"], 1, 0)), batch["frame_mask"]) if cached
+             else (batch["audio"], batch["audio_mask"]))
+    if isinstance(model, SpeechVerseDecoder):
+        return model.apply({"params": params}, *audio, batch["prefix_ids"], batch["prefix_mask"],
+                           batch["instruction_ids"], batch["instruction_mask"], batch["target_ids"],
+                           batch["target_mask"], False, deterministic, rngs=rngs,
+                           method=SpeechVerseDecoder.from_hidden_states if cached else SpeechVerseDecoder.__call__)
     t5 = model.cfg.t5
     dec_in = shift_right(batch["target_ids"], t5.decoder_start_token_id, t5.pad_token_id)
-    rngs = None if deterministic else {"dropout": rng}
-    if "hidden_states" in batch:  # [b, L+1, frames, dim], cached frozen-encoder outputs
-        hidden = tuple(jnp.moveaxis(batch["hidden_states"], 1, 0))
-        return model.apply({"params": params}, hidden, batch["frame_mask"], batch["instruction_ids"],
-                           batch["instruction_mask"], dec_in, batch["target_mask"], deterministic,
-                           method=SpeechVerse.from_hidden_states, rngs=rngs)
-    return model.apply({"params": params}, batch["audio"], batch["audio_mask"], batch["instruction_ids"],
-                       batch["instruction_mask"], dec_in, batch["target_mask"], deterministic, rngs=rngs)
+    logits = model.apply({"params": params}, *audio, batch["instruction_ids"], batch["instruction_mask"], dec_in,
+                         batch["target_mask"], deterministic, rngs=rngs,
+                         method=SpeechVerse.from_hidden_states if cached else SpeechVerse.__call__)
+    return logits, batch["target_ids"], batch["target_mask"].astype(bool)
 
 
-def _token_mask(batch: Batch) -> jax.Array:
-    mask = batch["target_mask"].astype(bool)
+def _token_mask(batch: Batch, mask: jax.Array) -> jax.Array:
     if "example_mask" in batch:
         mask = mask & batch["example_mask"].astype(bool)[:, None]
     return mask
@@ -65,9 +76,9 @@ def _token_mask(batch: Batch) -> jax.Array:
 
 def _loss_sums(model, params, batch, deterministic, rng, num_tasks):
     """(summed NLL, token count, per-task NLL sums [num_tasks], per-task token counts)."""
-    logits = _forward(model, params, batch, deterministic, rng)
-    mask = _token_mask(batch)
-    _, per_example = token_cross_entropy(logits, batch["target_ids"], mask)
+    logits, targets, mask = _forward(model, params, batch, deterministic, rng)
+    mask = _token_mask(batch, mask)
+    _, per_example = token_cross_entropy(logits, targets, mask)
     tokens = mask.sum(-1)
     task = batch.get("task_id", jnp.zeros(per_example.shape, jnp.int32))
     task_nll = jax.ops.segment_sum(per_example, task, num_segments=num_tasks)
