@@ -661,6 +661,7 @@ def run_recipe(config, out_dir: Optional[str] = None, progress: bool = True, par
         shutil.copy(os.path.join(out_dir, "tokenizer", name), os.path.join(release, "t5", name))
     from speechverse_jax.demo import shipped
 
+    # compute seconds of every part summed (the parts may have run side by side: not the wall clock)
     wall = round(wavlm_report["seconds"] + t5_report["seconds"] + timings["tokenizer"] + timings["gates"], 1)
     shipped.write_manifest(release, recipe=recipe, profile=config.profile, gates=gates,
                            held_out={"seed": int(config.split_seed), "fingerprint": held_out_fingerprint(int(config.split_seed))},
