@@ -221,7 +221,8 @@ class SpeechVerseModel:
                  task: Optional[str] = None) -> List[str]:
         """Answers for (audio, instruction) pairs. `labels` (or a classification `task`'s label set)
         restricts the outputs to those labels (constrained decoding)."""
-        from speechverse_jax.decode.constraints import constraint_for_task, label_constraint, tokenizer_fns
+        from speechverse_jax.decode.constraints import (check_labels_writable, constraint_for_task, label_constraint,
+                                                        tokenizer_fns)
         from speechverse_jax.decode.generate import GenerateConfig
 
         if len(audio) != len(instructions):
@@ -233,7 +234,9 @@ class SpeechVerseModel:
         if task:
             constraint = constraint_for_task(task, self.tokenizer, labels=labels)
         elif labels:
-            constraint = label_constraint(list(labels), tokenizer_fns(self.tokenizer)[0], self.tokenizer.eos_token_id)
+            encode = tokenizer_fns(self.tokenizer)[0]
+            check_labels_writable("custom labels", labels, encode, self.tokenizer)
+            constraint = label_constraint(list(labels), encode, self.tokenizer.eos_token_id)
         gen = GenerateConfig(max_new_tokens=max_new_tokens, num_beams=num_beams, length_penalty=length_penalty)
         return self.decode_text(self.generate_ids((batch, mask), gen=gen, constraint=constraint, **prompt))
 

@@ -117,7 +117,7 @@ def _randomize_norms(model, torch) -> None:
                 p.add_(0.1 * torch.randn_like(p))
 
 
-def train_spiece(texts: Sequence[str], out_dir: str, vocab_size: int = 128) -> str:
+def train_spiece(texts: Sequence[str], out_dir: str, vocab_size: int = 128, character_coverage: float = 1.0) -> str:
     """A T5-style sentencepiece model (pad 0, eos 1, unk 2, no bos) trained on `texts`."""
     import sentencepiece as spm
 
@@ -132,6 +132,9 @@ def train_spiece(texts: Sequence[str], out_dir: str, vocab_size: int = 128) -> s
         unk_id=2,
         bos_id=-1,
         model_type="unigram",
+        # every character of the texts gets a piece: at the default 0.9995 a rare one such as the
+        # '-' of 'non-speech' became <unk>, and a label holding it could never be written
+        character_coverage=character_coverage,
         hard_vocab_limit=False,
         minloglevel=2,
     )

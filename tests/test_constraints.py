@@ -208,3 +208,19 @@ def test_load_labels(tmp_path):
         C.load_labels(task="asr")
     with pytest.raises(ValueError):
         C.load_labels()
+
+
+def test_a_label_the_tokenizer_cannot_write_is_refused_by_name(tmp_path):
+    """A rare character left out of the sentencepiece vocabulary becomes <unk>: 'non-speech' would
+    decode as 'nonspeech' and never match its reference (the demo's SNS scored 46% that way)."""
+    transformers = pytest.importorskip("transformers")
+    texts = ["is there speech in the audio answer with one of speech or nonspeech"] * 200 + ["speech non-speech"]
+    for coverage, folder in ((0.9995, "rare_dropped"), (1.0, "all_chars")):
+        hf_tiny.train_spiece(texts, str(tmp_path / folder), vocab_size=40, character_coverage=coverage)
+    dropped = transformers.T5Tokenizer.from_pretrained(str(tmp_path / "rare_dropped"), extra_ids=0, legacy=False)
+    covered = transformers.T5Tokenizer.from_pretrained(str(tmp_path / "all_chars"), extra_ids=0, legacy=False)
+    assert dropped.unk_token_id in dropped("non-speech")["input_ids"]  # the premise
+    with pytest.raises(ValueError, match=r"cannot write label\(s\) 'non-speech' -> 'nonspeech'"):
+        C.constraint_for_task("open", dropped, labels=["speech", "non-speech"])
+    c = C.constraint_for_task("open", covered, labels=["speech", "non-speech"])
+    assert c is not None

@@ -194,6 +194,21 @@ def load_labels(spec: Optional[str] = None, task: Optional[str] = None) -> List[
     return labels
 
 
+def check_labels_writable(task: str, labels: Sequence[str], encode: Encode, tokenizer) -> None:
+    """Raise when a label does not survive encode -> decode (a character the tokenizer maps to
+    <unk>): constrained outputs could then never equal that label, and its examples would all
+    be scored wrong without a word."""
+    bad = []
+    for label in labels:
+        ids = [int(i) for i in encode(label)]
+        back = tokenizer.decode(ids, skip_special_tokens=True)
+        if " ".join(back.split()) != " ".join(label.split()):
+            bad.append(f"{label!r} -> {back!r} (pieces {tokenizer.convert_ids_to_tokens(ids)})")
+    if bad:
+        raise ValueError(f"constraint for task {task!r}: the tokenizer cannot write label(s) " + "; ".join(bad)
+                         + ". Use a tokenizer whose vocabulary covers every character of the labels.")
+
+
 def constraint_for_task(task: str, tokenizer, labels: Optional[Sequence[str]] = None, eos_id: Optional[int] = None,
                         pad_id: Optional[int] = None) -> Optional[Constraint]:
     """The constraint for a task: slot automaton for slot tasks, label trie when there is a label
@@ -203,6 +218,7 @@ def constraint_for_task(task: str, tokenizer, labels: Optional[Sequence[str]] = 
     if not labels:
         return None
     encode, pieces = tokenizer_fns(tokenizer)
+    check_labels_writable(task, labels, encode, tokenizer)
     eos_id = tokenizer.eos_token_id if eos_id is None else eos_id
     pad_id = tokenizer.pad_token_id if pad_id is None else pad_id
     if t.kind == "slots":

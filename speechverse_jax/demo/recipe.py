@@ -52,11 +52,14 @@ def _seed_rng(seed: int, *keys: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, *[int(k) for k in keys]]))
 
 
-def _schedule(phases: Sequence[Tuple[int, int]], lr: float) -> optax.Schedule:
-    """Warm-up + cosine decay per phase ((steps, warmup) each), joined into one schedule."""
+def _schedule(phases: Sequence[Tuple], lr: float) -> optax.Schedule:
+    """Warm-up + cosine decay per phase ((steps, warmup) or (steps, warmup, peak lr) each; the peak
+    defaults to `lr`), joined into one schedule. Appending a phase leaves the earlier steps' rates
+    as they were, so a run can be continued from a finished one."""
     parts, bounds, total = [], [], 0
-    for steps, warmup in phases:
-        parts.append(optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(steps, warmup + 1), lr * 0.05))
+    for steps, warmup, *peak in phases:
+        top = float(peak[0]) if peak else lr
+        parts.append(optax.warmup_cosine_decay_schedule(0.0, top, max(warmup, 1), max(steps, warmup + 1), top * 0.05))
         total += steps
         bounds.append(total)
     return optax.join_schedules(parts, bounds[:-1]) if len(parts) > 1 else parts[0]
@@ -293,10 +296,12 @@ def pretrain_wavlm(config, families, workdir: str, progress: bool = True) -> Tup
         total = ctc + float(w.accent_weight) * acc_loss + float(w.voices_weight) * voice_loss
         return total, {"ctc": ctc, "accent_ce": acc_loss, "voices_ce": voice_loss}
 
-    schedule = _schedule([(int(w.steps), int(w.warmup_steps))], float(w.lr))
+    phases = [(int(ph["steps"]), int(ph["warmup_steps"]), float(ph["lr"])) for ph in w.phases]
+    steps = sum(ph[0] for ph in phases)
+    schedule = _schedule(phases, float(w.phases[0]["lr"]))
     _say(f"wavlm: {sum(x.size for x in jax.tree_util.tree_leaves(params['wavlm'])) / 1e6:.2f}M params, "
-         f"{w.steps} steps of {w.batch_size} clips made on the fly")
-    params, report = train_part("wavlm", workdir, loss_fn, params, batch_at, int(w.steps), schedule,
+         f"{steps} steps of {w.batch_size} clips made on the fly in {len(phases)} phase(s)")
+    params, report = train_part("wavlm", workdir, loss_fn, params, batch_at, steps, schedule,
                                 int(config.checkpoint_every), progress, adam_b2=float(w.adam_b2))
     return params, cfg, report
 
@@ -313,7 +318,8 @@ def build_tokenizer(config, families, out_dir: str):
     if os.path.exists(os.path.join(out_dir, "tokenizer_config.json")):
         return load_tokenizer(out_dir)
     texts = tokenizer_texts(families)
-    spm = hf_tiny.train_spiece(texts, os.path.join(out_dir, "spm"), vocab_size=int(config.tokenizer.vocab_size))
+    spm = hf_tiny.train_spiece(texts, os.path.join(out_dir, "spm"), vocab_size=int(config.tokenizer.vocab_size),
+                                    character_coverage=float(config.tokenizer.character_coverage))
     shutil.copy(spm, os.path.join(out_dir, "spiece.model"))
     tok = transformers.T5Tokenizer.from_pretrained(out_dir, extra_ids=0, legacy=False)
     tok.save_pretrained(out_dir)
@@ -357,7 +363,8 @@ def pretrain_t5(config, families, tokenizer, workdir: str, progress: bool = True
     cfg = T5Config.from_hf(dict(t.model.to_dict(), vocab_size=vocab, pad_token_id=0, eos_token_id=1,
                                 decoder_start_token_id=0, is_encoder_decoder=True))
     model = T5(cfg)
-    streams = [TextTasks(families, kws_vocabulary(families), IC_LABELS, weights=dict(ph["tasks"])) for ph in t.phases]
+    streams = [TextTasks(families, kws_vocabulary(families), IC_LABELS, weights=dict(ph["tasks"]),
+                         salad_words=tuple(ph["salad_words"])) for ph in t.phases]
     bounds = np.cumsum([int(ph["steps"]) for ph in t.phases])
     text_encoder = TextEncoder(tokenizer=tokenizer)
     eos, bs = cfg.eos_token_id, int(t.batch_size)

@@ -48,7 +48,8 @@ class TextTasks:
                "kwe": 0.07, "open": 0.04, "joint": 0.04}
 
     def __init__(self, families: Dict[str, Dict[str, Sequence]], kws_vocab: Sequence[str],
-                 ic_labels: Dict[str, str], weights: Dict[str, float] = None):
+                 ic_labels: Dict[str, str], weights: Dict[str, float] = None,
+                 salad_words: Tuple[int, int] = (2, 12)):
         from speechverse_jax.demo import corpus
 
         self.held_out = {s.text for fam in families.values() for sp in ("dev", "test") for s in fam.get(sp, ())}
@@ -64,6 +65,9 @@ class TextTasks:
         self.words = sorted({w for fam in (self.asr, self.commands, self.open) for s in fam for w in s.text.split()})
         self.ic_labels = dict(ic_labels)
         self.weights = dict(weights or self.WEIGHTS)
+        self.salad_words = (int(salad_words[0]), int(salad_words[1]))  # word-salad lengths, both ends included
+        if not 1 <= self.salad_words[0] <= self.salad_words[1]:
+            raise ValueError(f"TextTasks: salad_words must be (low, high) with 1 <= low <= high, got {salad_words}")
         self._kws_pick = corpus.kws_pick
 
     def _pick(self, items, rng):
@@ -126,7 +130,8 @@ class TextTasks:
 
     def _word_salad(self, rng: np.random.Generator) -> str:
         while True:
-            text = " ".join(self._pick(self.words, rng) for _ in range(int(rng.integers(2, 13))))
+            low, high = self.salad_words
+            text = " ".join(self._pick(self.words, rng) for _ in range(int(rng.integers(low, high + 1))))
             if text not in self.held_out:
                 return text
 
