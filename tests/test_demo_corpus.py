@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from speechverse_jax.configs.demo import CORPUS_SIZES
+from speechverse_jax.configs.demo import CORPUS_SIZES, ROBUST_SIZES
 
 from speechverse_jax.data.errors import DataStats
 from speechverse_jax.data.manifest import read_manifest
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("corpus")
-    summary = corpus.make_corpus(str(out), sizes=QUICK, seed=3, progress=False)
+    summary = corpus.make_corpus(str(out), sizes=QUICK, seed=3, progress=False, robust_sizes=ROBUST_SIZES["quick"])
     return out, summary
 
 
@@ -123,3 +123,48 @@ def test_missing_espeak_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(corpus.shutil, "which", lambda name: None)
     with pytest.raises(RuntimeError, match="apt-get install espeak-ng sox"):
         corpus.make_corpus(str(tmp_path), sizes=QUICK, progress=False)
+
+
+def _voice_parts(row):
+    """[(variant, speed, pitch)] of a row's voice field ('en-us+m3 s150 p40 | ...')."""
+    out = []
+    for part in row["voice"].split(" | "):
+        name, speed, pitch = part.split()
+        out.append((name.split("+")[1], int(speed[1:]), int(pitch[1:])))
+    return out
+
+
+def test_robustness_splits_are_rendered_beyond_the_corpus(quick):
+    """robust_voices: test sentences, voices outside every corpus range; robust_order: test
+    sentences' words in new orders, corpus voices. None of it skipped."""
+    out, summary = quick
+    assert summary["skipped"] == {}
+    assert summary["robust"] == {sp: dict(n) for sp, n in ROBUST_SIZES["quick"].items()}
+    train_voices = [v for r in _rows(out, "train") if "voice" in r for v in _voice_parts(r)]
+    corpus_variants = {v for v, _, _ in train_voices}
+    assert min(s for _, s, _ in train_voices) >= 120 and max(p for _, _, p in train_voices) <= 75
+    for row in [r for r in _rows(out, "robust_voices") if "voice" in r]:
+        for variant, speed, pitch in _voice_parts(row):
+            assert variant not in corpus_variants and variant in corpus.WIDE_MALE + corpus.WIDE_FEMALE
+            assert not 115 <= speed <= 200 and not 22 <= pitch <= 78, row
+    test_texts = {r["transcript"] for r in _rows(out, "test") if "transcript" in r}
+    held_out = corpus.held_out_sentences(3)
+    for row in _rows(out, "robust_order"):
+        words_ = row["transcript"].split()
+        assert row["transcript"] not in held_out and row["transcript"] not in test_texts
+        assert any(sorted(words_) == sorted(s.split()) for s in held_out), row  # the words of a test sentence
+        if row["task"] == "asr":
+            assert row["target"] == row["transcript"]
+        if row["task"] == "kws" and row["target"] == "yes":
+            assert row["keyword"] in words_
+
+
+def test_shuffled_sentences_keep_keywords_in_order_of_appearance():
+    s = corpus.Sentence("it was very hot in berlin last saturday", "t", keywords=("hot", "berlin", "saturday"))
+    avoid = ["it was very hot in berlin last saturday"]
+    (shuffled,) = corpus.shuffled_sentences([s, corpus.Sentence("hi there", "t")], seed=0, avoid=avoid)
+    assert shuffled.text != s.text and sorted(shuffled.text.split()) == sorted(s.text.split())
+    ws = shuffled.text.split()
+    assert list(shuffled.keywords) == sorted(s.keywords, key=ws.index)
+    with pytest.raises(ValueError, match=r"robust_order: no such task\(s\) \['ic'\]"):
+        corpus.plan_robust({"robust_order": {"ic": 2}})

@@ -34,7 +34,30 @@ def test_every_prompt_renders_for_every_task():
                 assert "{" not in text and text.strip()
     st = T.build_instruction("st", EXAMPLE, 0)
     assert "German" in st and "{target_language}" not in st
-    assert "'radio'" in T.build_instruction("kws", EXAMPLE, 3)
+    assert " radio " in T.build_instruction("kws", EXAMPLE, 3)
+
+
+def test_kws_keyword_tokenizes_as_in_the_transcript(tmp_path):
+    """Every KWS prompt holds the keyword as a bare word, so its tokens are the transcript's own
+    (quoted, sentencepiece cut "'radio'" without the word-start marker: other ids)."""
+    transformers = pytest.importorskip("transformers")
+    from speechverse_jax import hf_tiny
+
+    texts = [EXAMPLE["transcript"], "the radio is on", "turn it off"] * 20
+    texts += [T.build_instruction("kws", EXAMPLE, i, split=sp) for sp in ("seen", "unseen")
+              for i in range(T.prompt_count("kws", sp))]
+    hf_tiny.train_spiece(texts, str(tmp_path), vocab_size=120)
+    tok = transformers.T5Tokenizer.from_pretrained(str(tmp_path), extra_ids=0, legacy=False)
+    word = tok("radio", add_special_tokens=False)["input_ids"]  # as a word starts: '\u2581radio'
+
+    def holds(text):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        return any(ids[j: j + len(word)] == word for j in range(len(ids)))
+
+    assert holds("turn on the radio now") and not holds("turn on the 'radio' now")
+    for sp in ("seen", "unseen"):
+        for i in range(T.prompt_count("kws", sp)):
+            assert holds(T.build_instruction("kws", EXAMPLE, i, split=sp)), (sp, i)
 
 
 def test_same_choice_same_text_and_rng_choice():

@@ -34,6 +34,13 @@ CORPUS_SIZES = {
     },
 }
 
+# The robustness splits (demo/corpus.py plan_robust): test sentences in voices beyond the corpus's
+# ranges, and ASR / KWS / KWE on test sentences with shuffled word orders. Evaluated, never trained on.
+ROBUST_SIZES = {
+    "full": {"robust_voices": {t: 40 for t in DEMO_TASKS}, "robust_order": {"asr": 40, "kws": 40, "kwe": 40}},
+    "quick": {"robust_voices": {"asr": 2, "ic": 2, "sc": 2}, "robust_order": {"asr": 2, "kws": 2}},
+}
+
 PROFILES = {
     # steps of stage1, stage2_warmup, stage2_multitask (each budget measured: docs/demo_experiments.md).
     "full": dict(stage_steps=(1100, 100, 950), batch_size=16, audio_buckets=(2.0, 4.0, 6.0)),
@@ -50,7 +57,7 @@ def get_config(profile="full"):
     config.profile = profile
     config.out = "outputs/demo"  # output folder (--out DIR)
     config.seed = 0
-    config.corpus = dict(sizes=CORPUS_SIZES[profile], workers=2)
+    config.corpus = dict(sizes=CORPUS_SIZES[profile], robust_sizes=ROBUST_SIZES[profile], workers=2)
     # dir: a backbones release folder (demo/shipped.py layout); "" is the one shipped in the package.
     # pretrain: run the demo_backbones recipe (this profile, this seed) and convert its release instead.
     config.backbones = dict(dir="", pretrain=False)

@@ -29,7 +29,7 @@ FEMALE_VARIANTS = ("Alicia", "Andrea", "Annie", "anika", "anikaRobot", "aunty", 
 
 PROFILES = {
     "full": dict(wavlm_hidden=192, wavlm_layers=4, conv=64, wavlm_steps=(4000, 2000), wavlm_batch=8, narrow_steps=600,
-                 t5_width=192, t5_layers=3, t5_steps=(1500, 1500, 4500), t5_batch=32, vocab=1000,
+                 t5_width=192, t5_layers=3, t5_steps=(1500, 1500, 3500), t5_batch=32, vocab=1000,
                  eval_clips=200, probe_train=800, text_rows=200),
     "quick": dict(wavlm_hidden=32, wavlm_layers=2, conv=16, wavlm_steps=(6, 2), wavlm_batch=4, narrow_steps=4,
                   t5_width=32, t5_layers=1, t5_steps=(2, 2, 4), t5_batch=8, vocab=200,

@@ -256,28 +256,32 @@ _KWE_UNSEEN = (
     "Boil the utterance down to its key vocabulary.",
 )
 
+# The keyword stands bare, as in a transcript: quoted ('garden'), sentencepiece cuts it without its
+# word-start marker ('garden' vs the transcript's '\u2581garden'), so the model would have to match two
+# different tokens (often a word against its characters). The demo T5 scored KWS 46% on dev text
+# with quotes (docs/demo_experiments.md, release 2).
 _KWS = (
-    "Is the word '{keyword}' used in the audio?",
-    "Does the speaker say '{keyword}'?",
-    "Is '{keyword}' spoken in the preceding recording?",
-    "Check whether the keyword '{keyword}' occurs in the speech.",
-    "Did you hear the word '{keyword}' in the audio?",
-    "Does the utterance contain the word '{keyword}'?",
-    "Listen for '{keyword}'. Is it present?",
-    "Is the keyword '{keyword}' mentioned?",
-    "Can the word '{keyword}' be heard in the clip?",
-    "Determine whether '{keyword}' is said in the preceding audio.",
-    "Was '{keyword}' one of the words spoken?",
-    "Keyword spotting: does '{keyword}' appear in the speech?",
-    "Does the recording include the word '{keyword}'?",
-    "Tell me if the speaker uttered '{keyword}'.",
-    "Is there any mention of '{keyword}' in the audio?",
-    "Search the speech for the word '{keyword}'. Is it there?",
+    "Is the word {keyword} used in the audio?",
+    "Does the speaker say {keyword}?",
+    "Is {keyword} spoken in the preceding recording?",
+    "Check whether the keyword {keyword} occurs in the speech.",
+    "Did you hear the word {keyword} in the audio?",
+    "Does the utterance contain the word {keyword}?",
+    "Listen for {keyword}. Is it present?",
+    "Is the keyword {keyword} mentioned?",
+    "Can the word {keyword} be heard in the clip?",
+    "Determine whether {keyword} is said in the preceding audio.",
+    "Was {keyword} one of the words spoken?",
+    "Keyword spotting: does {keyword} appear in the speech?",
+    "Does the recording include the word {keyword}?",
+    "Tell me if the speaker uttered {keyword}.",
+    "Is there any mention of {keyword} in the audio?",
+    "Search the speech for the word {keyword}. Is it there?",
 )
 _KWS_UNSEEN = (
-    "Somewhere in this clip, is '{keyword}' pronounced?",
-    "Would a transcript of this audio contain '{keyword}'?",
-    "Quick check: '{keyword}', said or not said?",
+    "Somewhere in this clip, is {keyword} pronounced?",
+    "Would a transcript of this audio contain {keyword}?",
+    "Quick check: {keyword}, said or not said?",
 )
 
 _ER = (

@@ -7,6 +7,8 @@ writes, under `out_dir`:
     by_task/<split>.<task>.jsonl         the same rows, one manifest per split and task
     audio/<split>/<task>_<n>.wav         16 kHz mono 16-bit clips
     corpus.json                          the summary (counts, seconds, label sets, baselines, ...)
+    robust_voices.jsonl, robust_order.jsonl   with `robust_sizes`: test sentences in voices beyond the
+                                         corpus's ranges, and in word orders no template makes
 
 Sentences come from templates x slot values. Whole sentences are held out: a dev or test
 sentence is never spoken in train (for any task). Tasks: asr, ic, sf, kws, kwe, ac, sc, sns, open.
@@ -316,6 +318,30 @@ def voice_name(v: Mapping[str, Any]) -> str:
     return f"{v['voice']} s{v['speed']} p{v['pitch']}"
 
 
+# The robustness split's voices: espeak-ng variants the corpus never uses, speeds and pitches outside
+# every corpus range (corpus speed 120-195, pitch 25-75). The backbones' pretraining heard such
+# voices (demo_backbones: speed 80-260, pitch 0-99, every variant); the curriculum never does.
+WIDE_MALE = ("m8", "klatt", "max", "robert", "Gene", "Lee", "edward")
+WIDE_FEMALE = ("Alicia", "Andrea", "linda", "steph", "belinda", "aunty")
+WIDE_SPEED = ((85, 110), (205, 250))
+WIDE_PITCH = ((5, 20), (80, 95))
+
+
+def draw_wide_voice(rng: np.random.Generator, accent: Optional[str] = None, variants: Sequence[str] = MALE + FEMALE,
+                    pitch: Tuple[int, int] = (30, 70), speed: Tuple[int, int] = (120, 190)) -> Dict[str, Any]:
+    """`draw_voice` moved outside the corpus's ranges: a male request gets a wide male variant and
+    (with a low pitch request) the low pitch band, a female one the female variants and high band;
+    a fast request (SC keeps two sentences short) the fast speed band."""
+    male, female = set(variants) <= set(MALE), set(variants) <= set(FEMALE)
+    wide = WIDE_MALE if male else WIDE_FEMALE if female else WIDE_MALE + WIDE_FEMALE
+    v = draw_voice(rng, accent, wide)
+    band = 0 if pitch[1] <= 50 else 1 if pitch[0] >= 50 else int(rng.integers(2))
+    v["pitch"] = int(rng.integers(WIDE_PITCH[band][0], WIDE_PITCH[band][1] + 1))
+    band = 1 if speed[0] >= 145 else int(rng.integers(2))
+    v["speed"] = int(rng.integers(WIDE_SPEED[band][0], WIDE_SPEED[band][1] + 1))
+    return v
+
+
 def speech_spec(rng: np.random.Generator, parts: Sequence[Tuple[str, Mapping[str, Any]]],
                 snr_db: Optional[float] = None) -> Dict[str, Any]:
     return {"parts": [{"text": t, **v} for t, v in parts], "pause": round(float(rng.uniform(0.2, 0.5)), 3),
@@ -336,8 +362,9 @@ def _speech_row(task: str, s: Sentence, target: Any, voice: Mapping[str, Any], *
 
 
 def plan_task(task: str, split: str, n: int, pools: Mapping[str, Pool], kws_vocab: Sequence[str],
-              rng: np.random.Generator) -> List[Tuple[Dict[str, Any], Dict[str, Any]]]:
-    """`n` (row, spec) pairs of one task in one split."""
+              rng: np.random.Generator, draw_voice=draw_voice) -> List[Tuple[Dict[str, Any], Dict[str, Any]]]:
+    """`n` (row, spec) pairs of one task in one split. `draw_voice`: the corpus's voices, or
+    `draw_wide_voice` for the robustness split."""
     out = []
     if task in ("asr", "kwe"):
         for s in pools["asr"].take(n):
@@ -368,7 +395,7 @@ def plan_task(task: str, split: str, n: int, pools: Mapping[str, Pool], kws_voca
     elif task == "sc":
         two = rng.permutation([i % 2 == 1 for i in range(n)])
         for is_two in two:
-            out.append(plan_sc(bool(is_two), pools["asr"], rng))
+            out.append(plan_sc(bool(is_two), pools["asr"], rng, draw_voice))
     elif task == "sns":
         speech = rng.permutation([i % 2 == 0 for i in range(n)])
         for k, is_speech in enumerate(speech):
@@ -389,7 +416,8 @@ def plan_task(task: str, split: str, n: int, pools: Mapping[str, Pool], kws_voca
     return out
 
 
-def plan_sc(two: bool, pool: Pool, rng: np.random.Generator) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+def plan_sc(two: bool, pool: Pool, rng: np.random.Generator, draw_voice=draw_voice
+            ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """Two voices (a male and a female variant, pitches apart) or one voice saying one or two
     short sentences, so clip length alone does not give the count away."""
     n_sent = 2 if two or rng.random() < 0.5 else 1
@@ -469,9 +497,75 @@ def plan_corpus(sizes: Mapping[str, Mapping[str, int]], seed: int = 0
     return plan
 
 
+ROBUST_SPLITS = ("robust_voices", "robust_order")
+ROBUST_ORDER_TASKS = ("asr", "kws", "kwe")  # tasks whose answer survives shuffling a sentence's words
+
+
+def shuffled_sentences(sentences: Sequence[Sentence], seed: int, avoid: Sequence[str] = ()) -> List[Sentence]:
+    """Each sentence with its words in an order no template makes: a permutation that differs from
+    the sentence and from every text in `avoid` (sentences of no more than 2 words are left out).
+    The keywords of a sentence stay its keywords; its slots and intent are dropped."""
+    rng = rng_for(seed, "robust/shuffle")
+    taken = set(avoid)
+    out = []
+    for s in sentences:
+        ws = s.text.split()
+        if len(ws) < 3:
+            continue
+        for _ in range(20):
+            text = " ".join(ws[int(i)] for i in rng.permutation(len(ws)))
+            if text != s.text and text not in taken:
+                taken.add(text)
+                padded = f" {text} "
+                keywords = tuple(sorted(s.keywords, key=lambda k: padded.find(f" {k} ")))  # order of appearance
+                out.append(dataclasses.replace(s, text=text, group=s.group + "/shuffled", keywords=keywords,
+                                               slots=(), intent=""))
+                break
+    return out
+
+
+def plan_robust(sizes: Mapping[str, Mapping[str, int]], seed: int = 0
+                ) -> Dict[str, List[Tuple[Dict[str, Any], Dict[str, Any]]]]:
+    """The robustness splits, from the *test* sentences (nothing pretrained or trained read them):
+
+    robust_voices   every task, spoken by voices outside the corpus's ranges (`draw_wide_voice`)
+    robust_order    ASR / KWS / KWE on test sentences with their words shuffled (orders no template
+                    makes), in the corpus's own voices
+
+    sizes: {split: {task: n}} for those splits (a split or task left out is not made)."""
+    families = sentence_families(seed)
+    kws_vocab = kws_vocabulary(families)
+    every_text = [s.text for fam in families.values() for sp in SPLITS for s in fam[sp]]
+    plan = {}
+    for split in ROBUST_SPLITS:
+        want = {t: int(n) for t, n in dict(sizes.get(split, {})).items() if int(n) > 0}
+        allowed = ROBUST_ORDER_TASKS if split == "robust_order" else DEMO_TASKS
+        bad = sorted(set(want) - set(allowed))
+        if bad:
+            raise ValueError(f"corpus.robust_sizes.{split}: no such task(s) {bad} (it has {', '.join(allowed)})")
+        if not want:
+            continue
+        pools = {name: Pool(fam["test"]) for name, fam in families.items()}
+        voice = draw_wide_voice
+        if split == "robust_order":
+            pools["asr"] = Pool(shuffled_sentences(families["asr"]["test"], seed, every_text))
+            voice = draw_voice
+        items = []
+        for task in DEMO_TASKS:
+            if task in want:
+                pairs = plan_task(task, "test", want[task], pools, kws_vocab, rng_for(seed, f"{split}/{task}"), voice)
+                for i, (row, spec) in enumerate(pairs):
+                    items.append(({"id": f"{split}/{task}/{i:05d}", "audio": f"audio/{split}/{task}_{i:05d}.wav",
+                                   **row}, spec))
+        plan[split] = items
+    return plan
+
+
 def make_corpus(out_dir: str, sizes: Mapping[str, Mapping[str, int]], seed: int = 0, workers: int = 2,
-                progress: bool = True) -> Dict[str, Any]:
-    """Generate the corpus into `out_dir` (see the module docstring); returns the summary."""
+                progress: bool = True, robust_sizes: Optional[Mapping[str, Mapping[str, int]]] = None
+                ) -> Dict[str, Any]:
+    """Generate the corpus into `out_dir` (see the module docstring); returns the summary.
+    `robust_sizes` adds the robustness splits (`plan_robust`) as `<split>.jsonl`."""
     speak.check_espeak()
     t0 = time.time()
     out_dir = os.path.abspath(out_dir)
@@ -480,14 +574,16 @@ def make_corpus(out_dir: str, sizes: Mapping[str, Mapping[str, int]], seed: int 
             shutil.rmtree(os.path.join(out_dir, sub), ignore_errors=True)
     sizes = check_sizes(sizes)
     plan = plan_corpus(sizes, seed)
-    for split in SPLITS:
+    plan.update(plan_robust(robust_sizes or {}, seed))
+    splits = [sp for sp in SPLITS + ROBUST_SPLITS if sp in plan]
+    for split in splits:
         os.makedirs(os.path.join(out_dir, "audio", split), exist_ok=True)
-    jobs = [(os.path.join(out_dir, row["audio"]), spec) for split in SPLITS for row, spec in plan[split]]
+    jobs = [(os.path.join(out_dir, row["audio"]), spec) for split in splits for row, spec in plan[split]]
     results = speak.render_all(jobs, workers, progress)
     rows: Dict[str, List[Dict[str, Any]]] = {}
     skipped, skip_examples = collections.Counter(), []
     k = 0
-    for split in SPLITS:
+    for split in splits:
         rows[split] = []
         for row, _ in plan[split]:
             seconds, problem = results[k]
@@ -501,12 +597,16 @@ def make_corpus(out_dir: str, sizes: Mapping[str, Mapping[str, int]], seed: int 
             row["duration"] = round(seconds, 4)
             rows[split].append(_ordered(row))
     check_held_out(rows)
-    for split in SPLITS:
+    for split in splits:
         write_manifest(os.path.join(out_dir, f"{split}.jsonl"), rows[split])
+        if split not in SPLITS:
+            continue
         for task in DEMO_TASKS:
             task_rows = [{**r, "audio": "../" + r["audio"]} for r in rows[split] if r["task"] == task]
             write_manifest(os.path.join(out_dir, "by_task", f"{split}.{task}.jsonl"), task_rows)
     summary = summarize(rows, sizes, seed, time.time() - t0)
+    summary["robust"] = {sp: dict(collections.Counter(r["task"] for r in rows[sp])) for sp in splits
+                         if sp not in SPLITS}
     summary["skipped"] = dict(sorted(skipped.items()))
     summary["skip_examples"] = skip_examples[:20]
     _write_json(os.path.join(out_dir, "corpus.json"), summary)
@@ -526,7 +626,7 @@ def _ordered(row: Mapping[str, Any]) -> Dict[str, Any]:
 def check_held_out(rows: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
     """Raise if a dev or test sentence is also spoken in train."""
     seen = {t for r in rows["train"] for t in _spoken(r)}
-    for split in ("dev", "test"):
+    for split in ("dev", "test") + tuple(sp for sp in ROBUST_SPLITS if sp in rows):
         leaked = sorted({t for r in rows[split] for t in _spoken(r)} & seen)
         if leaked:
             raise AssertionError(f"{split} sentences also spoken in train: {leaked[:5]}")

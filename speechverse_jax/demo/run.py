@@ -8,7 +8,8 @@
     3. cache      the frozen encoder's hidden states, computed once for every clip
     4. curriculum stage1 -> stage2_warmup -> stage2_multitask (configs/demo.py)
     5. evaluate   every task on the test split: seen and unseen instructions, free and constrained
-                  decoding, joint decoding; results table, plots, example predictions
+                  decoding, joint decoding; results table, plots, example predictions; then the
+                  robustness splits (voices beyond the corpus's ranges, shuffled word orders)
 
 Everything lands in one folder, printed at the end.
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import numpy as np
 
@@ -76,6 +77,7 @@ def encoder_cache(config, base_dir: str, corpus_dir: str, out_path: str, progres
     from speechverse_jax.data.encoder_cache import EncoderCache, build_cache, source_fingerprint
 
     manifests = [os.path.join(corpus_dir, f"{s}.jsonl") for s in ("train", "dev", "test")]
+    manifests += robust_manifests(corpus_dir).values()
     fingerprint = source_fingerprint(base_dir, manifests)
     if os.path.exists(out_path):
         cache = EncoderCache.load(out_path)
@@ -89,6 +91,14 @@ def encoder_cache(config, base_dir: str, corpus_dir: str, out_path: str, progres
                         bucket_seconds=tuple(config.stage1.data.audio_buckets_seconds), progress=progress)
     cache.save(out_path, fingerprint)
     return cache
+
+
+def robust_manifests(corpus_dir: str) -> Dict[str, str]:
+    """{split: manifest} of the robustness splits this corpus has (demo/corpus.py plan_robust)."""
+    from speechverse_jax.demo.corpus import ROBUST_SPLITS
+
+    paths = {sp: os.path.join(corpus_dir, f"{sp}.jsonl") for sp in ROBUST_SPLITS}
+    return {sp: p for sp, p in paths.items() if os.path.exists(p)}
 
 
 def run_curriculum_cached(config, base_dir: str, corpus_dir: str, cache, workdir: str, progress: bool = True):
@@ -134,7 +144,51 @@ def evaluate_demo(run_dir: str, corpus_dir: str, cache, out_dir: str, profile: s
         table[task].update(rows)
     base = baselines(corpus_dir)
     paths = write_reports(out_dir, predictions + joint_preds, table, base, skips=skips)
-    return {"table": table, "baselines": base, "paths": paths, "model": model}
+    robust = {}
+    for split, manifest in robust_manifests(corpus_dir).items():  # never trained on: voices / word orders
+        split_skips = EvalSkips()
+        preds, robust[split] = evaluate(model, [manifest], [EvalSetting("seen"), EvalSetting("seen", constrained=True)],
+                                        cache=cache, progress=progress, skips=split_skips)
+        write_reports(os.path.join(out_dir, split), preds, robust[split], skips=split_skips)
+    if robust:
+        paths["robustness"] = os.path.join(out_dir, "robustness.md")
+        with open(paths["robustness"], "w") as f:
+            f.write(robustness_table(table, robust))
+    return {"table": table, "baselines": base, "paths": paths, "model": model, "robust": robust}
+
+
+def best_score(task: str, settings: Dict[str, Dict[str, Any]], prefix: str = "seen/") -> Optional[float]:
+    """The task's metric under its best decoding among the `prefix` settings (lowest WER, else highest)."""
+    from speechverse_jax.data import tasks as tasks_lib
+
+    metric = tasks_lib.get_task(task).metric
+    scores = [v[metric] for k, v in settings.items() if k.startswith(prefix) and v.get(metric) is not None]
+    if not scores:
+        return None
+    return min(scores) if metric == "wer" else max(scores)
+
+
+def robustness_table(test: Dict[str, Any], robust: Dict[str, Dict[str, Any]]) -> str:
+    """Markdown: per task, the test split's seen-instruction score (best decoding) next to each
+    robustness split's, and the difference."""
+    from speechverse_jax.data import tasks as tasks_lib
+
+    splits = sorted(robust)
+    lines = ["| task | metric (%) | test | " + " | ".join(f"{sp} | change" for sp in splits) + " |",
+             "|---|---|---|" + "---|---|" * len(splits)]
+    for task in sorted(test):
+        if not any(task in robust[sp] for sp in splits):
+            continue
+        ref = best_score(task, test[task])
+        cells = []
+        for sp in splits:
+            got = best_score(task, robust[sp].get(task, {}))
+            cells += ["-", "-"] if got is None else [f"{got:.1f}", "-" if ref is None else f"{got - ref:+.1f}"]
+        lines.append(f"| {task} | {tasks_lib.get_task(task).metric} | " + ("-" if ref is None else f"{ref:.1f}")
+                     + " | " + " | ".join(cells) + " |")
+    return ("Robustness: test sentences in voices beyond the corpus's ranges (robust_voices) and in word "
+            "orders no template makes (robust_order), seen instructions, best decoding. WER: lower is better.\n\n"
+            + "\n".join(lines) + "\n")
 
 
 def plot_metrics(table: Dict[str, Any], baselines_: Dict[str, Any], out_png: str) -> str:
@@ -206,7 +260,8 @@ def run_demo(out_dir: str = "outputs/demo", profile: str = "full", progress: boo
     else:
         _say(f"1/5 speaking the {profile} corpus with espeak-ng")
         corpus = make_corpus(corpus_dir, config.corpus.sizes.to_dict(), seed=int(config.seed),
-                             workers=int(config.corpus.workers), progress=progress)
+                             workers=int(config.corpus.workers), progress=progress,
+                             robust_sizes=config.corpus.robust_sizes.to_dict())
     t = stamp("corpus", t)
     _say("2/5 backbones: " + ("pretraining them with the demo-backbones recipe" if config.backbones.pretrain
                              else f"the shipped WavLM + T5 ({backbones_folder(config)})")
@@ -240,18 +295,23 @@ def run_demo(out_dir: str = "outputs/demo", profile: str = "full", progress: boo
         "backbones": {k: backbones[k] for k in ("origin", "source", "manifest_sha256", "tokenizer_pieces",
                                                  "max_rel_diff_vs_hf", "gates", "recipe")},
         "stages": stages, "metrics": result["table"], "baselines": result["baselines"],
+        "robustness": result["robust"],
         "examples": examples, "infer_example": {"command": infer_cmd, "output": infer_out},
     }
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)
     print()
     print(open(result["paths"]["markdown"]).read())
+    if "robustness" in result["paths"]:
+        print(open(result["paths"]["robustness"]).read())
+    elif config.corpus.robust_sizes.to_dict():
+        _say(f"{corpus_dir} has no robustness splits (made by an older version): delete it to make them")
     print("A few predictions (seen instructions, free decoding):")
     for e in examples:
         print(f"  [{e['task']}] {e['audio']}\n      ref: {e['reference']}\n      hyp: {e['hypothesis']}")
     print(f"\nTry it yourself:\n  {infer_cmd}\n  -> {infer_out}")
     print(f"\nDemo finished in {summary['seconds']}s. Everything is in {out_dir}:")
-    print("  summary.json, eval/metrics.md, eval/predictions.jsonl, loss_curves.png, task_metrics.png, runs/, backbones/")
+    print("  summary.json, eval/metrics.md, eval/robustness.md, eval/predictions.jsonl, loss_curves.png, task_metrics.png, runs/, backbones/")
     return summary
 
 

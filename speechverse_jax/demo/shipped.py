@@ -22,7 +22,7 @@ import os
 import platform
 import subprocess
 import time
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, List, Mapping, Optional
 
 from speechverse_jax.errors import UserError
 
@@ -109,12 +109,14 @@ def machine_info() -> Dict[str, Any]:
 
 
 def write_manifest(folder: str, recipe: Mapping[str, Any], profile: str, gates: Mapping[str, Mapping[str, Any]],
-                   held_out: Mapping[str, Any], wall_seconds: float) -> Dict[str, Any]:
+                   held_out: Mapping[str, Any], wall_seconds: float,
+                   reported: Optional[Mapping[str, float]] = None) -> Dict[str, Any]:
     """Write `folder/MANIFEST.json` over the files already in `folder`; returns the manifest.
 
     recipe: the full recipe config (a ConfigDict or dict; stored as plain JSON); profile: 'full' or
     'quick'; gates: {name: {'value', 'threshold', 'op': '<=' | '>='}} (`passed` is computed);
-    held_out: {'seed': int, 'fingerprint': corpus.held_out_fingerprint(seed)}. Fills in the sha256
+    held_out: {'seed': int, 'fingerprint': corpus.held_out_fingerprint(seed)}; reported: measurements
+    without a gate (e.g. the encoder's CER on voices beyond the corpus). Fills in the sha256
     of every file, the git commit and the machine. Call it last: any later change to a file
     fails `verify_checksums`.
     """
@@ -135,6 +137,7 @@ def write_manifest(folder: str, recipe: Mapping[str, Any], profile: str, gates: 
         "wall_seconds": round(float(wall_seconds), 1),
         "machine": machine_info(),
         "gates": check_gates(gates),
+        "reported": {str(k): float(v) for k, v in sorted((reported or {}).items())},
         "held_out": {"seed": int(held_out["seed"]), "fingerprint": str(held_out["fingerprint"])},
     }
     path = os.path.join(folder, MANIFEST)
