@@ -35,6 +35,27 @@ def _regression_part(workdir, fail_at=None):
                              progress=False, log_every=1)
 
 
+def test_an_appended_phase_continues_a_finished_run(tmp_path):
+    """Release 3's WavLM: a finished run's checkpoint, continued with a phase appended (its own peak
+    lr), equals a run made with both phases from the start: the earlier steps' rates are unchanged."""
+    one = recipe._schedule([(6, 2, 0.1)], 0.1)
+    two = recipe._schedule([(6, 2, 0.1), (6, 1, 0.05)], 0.1)
+    assert [float(one(i)) for i in range(6)] == [float(two(i)) for i in range(6)]
+    assert float(two(7)) == pytest.approx(0.05) and float(two(11)) < 0.05
+
+    def run(workdir, phases, steps):
+        x = np.random.default_rng(0).standard_normal((8, 3)).astype(np.float32)
+        batch_at = lambda i: {"x": x * (1 + i % 3), "y": x @ np.ones((3, 2), np.float32)}  # noqa: E731
+        loss_fn = lambda p, b, rng: (jnp.mean((b["x"] @ p["w"] - b["y"]) ** 2), {})  # noqa: E731
+        return recipe.train_part("toy", str(workdir), loss_fn, {"w": jnp.zeros((3, 2), jnp.float32)}, batch_at,
+                                 steps, recipe._schedule(phases, 0.1), checkpoint_every=3, progress=False)[0]
+
+    straight = run(tmp_path / "straight", [(6, 2, 0.1), (6, 1, 0.05)], 12)
+    run(tmp_path / "continued", [(6, 2, 0.1)], 6)
+    continued = run(tmp_path / "continued", [(6, 2, 0.1), (6, 1, 0.05)], 12)
+    np.testing.assert_array_equal(np.asarray(continued["w"]), np.asarray(straight["w"]))
+
+
 def test_a_killed_part_resumes_to_the_same_weights(tmp_path):
     straight, report = _regression_part(tmp_path / "straight")
     w_true = np.arange(6, dtype=np.float32).reshape(3, 2)
