@@ -4,6 +4,9 @@ full-size train step (stage2_multitask, the largest bucket shapes of the data co
 for the preset's topology with a peak under 90% of the chip's HBM, at the paper's global batch 768.
 
     python bench/tpu_presets.py --presets v5e-16,v6e-8,v5p-32 --micro 16,12,8 --out-dir bench/results
+    # the decoder-only layout on a Llama 3.2 3B preset (report: compile_v5e-16_llama-3.2-3b.json)
+    python bench/tpu_presets.py --presets v5e-16 --micro 24,16,12,8 --tag _llama-3.2-3b \
+        --extra "--config.model.layout=decoder --config.model.llm_preset=llama-3.2-3b"
 
 Each candidate is compiled in its own process (`speechverse-jax train ... --compile-only
 --compile-target=tpu --config.train.accum_steps=A`); candidates are tried from the largest down and
@@ -28,15 +31,19 @@ sys.path.insert(0, ROOT)
 from speechverse_jax.train import slices  # noqa: E402
 
 
-def compile_once(preset: str, micro: int, extra, workdir: str):
+def compile_once(preset: str, micro: int, extra, workdir: str, timeout: float = 1200):
     p = slices.get(preset)
     shards = p.data * p.fsdp
     accum = slices.PAPER_GLOBAL_BATCH // (shards * micro)
     args = ["train", "--config", f"configs/stage2_multitask.py:wlm,{preset}", "--workdir", workdir,
             "--compile-only", "--compile-target=tpu", f"--config.train.accum_steps={accum}", *extra]
     t0 = time.time()
-    res = subprocess.run([sys.executable, "-m", "speechverse_jax.cli", *args], capture_output=True, text=True,
-                         cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, ALLOW_MULTIPLE_LIBTPU_LOAD="1"))
+    try:
+        res = subprocess.run([sys.executable, "-m", "speechverse_jax.cli", *args], capture_output=True, text=True,
+                             cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, ALLOW_MULTIPLE_LIBTPU_LOAD="1"),
+                             timeout=timeout)
+    except subprocess.TimeoutExpired:
+        res = subprocess.CompletedProcess(args, 124, "", f"timed out after {timeout:.0f} s")
     attempt = {"micro_batch": micro, "accum_steps": accum, "rc": res.returncode, "wall_seconds": round(time.time() - t0, 1),
                "command": "speechverse-jax " + " ".join(a if a != workdir else "/tmp/x" for a in args)}
     report = None
@@ -58,6 +65,8 @@ def main():
     ap.add_argument("--micro", default="32,24,16,12,8,6,4,2,1", help="candidate micro-batches, tried largest first")
     ap.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     ap.add_argument("--extra", default="", help="more --config overrides, space-separated")
+    ap.add_argument("--timeout", type=float, default=1200, help="seconds per compile")
+    ap.add_argument("--tag", default="", help="appended to the report's name: compile_<preset><tag>.json")
     a = ap.parse_args()
     for preset in a.presets.split(","):
         p = slices.get(preset)
@@ -67,7 +76,7 @@ def main():
         attempts, kept = [], None
         for m in cands:
             with tempfile.TemporaryDirectory() as tmp:
-                attempt, report = compile_once(preset, m, a.extra.split(), tmp)
+                attempt, report = compile_once(preset, m, a.extra.split(), tmp, a.timeout)
             attempts.append(attempt)
             print(json.dumps({"preset": preset, **attempt}), flush=True)
             if attempt["fits"]:
@@ -77,7 +86,7 @@ def main():
                "usable_fraction": slices.USABLE_FRACTION, "attempts": attempts,
                "command": kept[0]["command"] if kept else None, "report": kept[1] if kept else None}
         os.makedirs(a.out_dir, exist_ok=True)
-        with open(os.path.join(a.out_dir, f"compile_{preset}.json"), "w") as f:
+        with open(os.path.join(a.out_dir, f"compile_{preset}{a.tag}.json"), "w") as f:
             json.dump(out, f, indent=2)
 
 

@@ -19,7 +19,6 @@ import numpy as np
 from speechverse_jax.data.audio import AudioError, load_audio
 from speechverse_jax.data.errors import DataError, DataStats
 from speechverse_jax.data.manifest import read_manifests
-from speechverse_jax.models.speechverse import SpeechVerse, SpeechVerseConfig
 from speechverse_jax.models.wavlm import feature_lengths
 
 log = logging.getLogger(__name__)
@@ -96,7 +95,7 @@ _INFO = "__svj_cache__"
 _SKIPPED = "__svj_skipped__"
 
 
-def build_cache(cfg: SpeechVerseConfig, wavlm_params: Any, manifests: Sequence[str], batch_size: int = 8,
+def build_cache(cfg, wavlm_params: Any, manifests: Sequence[str], batch_size: int = 8,
                 bucket_seconds: Sequence[float] = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0), sample_rate: int = 16000,
                 progress: bool = True, strict: bool = False, sharding=None) -> EncoderCache:
     """Run the frozen encoder once over every example of `manifests` (clips grouped by length
@@ -104,16 +103,19 @@ def build_cache(cfg: SpeechVerseConfig, wavlm_params: Any, manifests: Sequence[s
     longer than the largest bucket) are skipped and counted (`cache.stats`, `cache.skipped`);
     `strict` raises `DataError` (manifest:line) at the first instead. `sharding`: `(mesh,
     logical-axis rules)` when `wavlm_params` live on a mesh, so WavLM's activation constraints
-    take effect."""
+    take effect. `cfg`: the composed model config of either layout (`SpeechVerseConfig` or
+    `SpeechVerseDecoderConfig`)."""
     from tqdm import tqdm
 
     from speechverse_jax.models.layers import with_activation_sharding
 
     stats = DataStats(strict=strict)
     examples = read_manifests(list(manifests), stats, require_target=False)
-    model = SpeechVerse(cfg)
+    from speechverse_jax.models import composed
+
+    model = composed.module_for(cfg)  # either layout: both run the same frozen WavLM
     encode = jax.jit(with_activation_sharding(
-        lambda p, a, m: model.apply({"params": {"wavlm": p}}, a, m, method=SpeechVerse.encode_audio),
+        lambda p, a, m: model.apply({"params": {"wavlm": p}}, a, m, method=type(model).encode_audio),
         *(sharding or (None, ()))))
     buckets = [int(s * sample_rate) for s in bucket_seconds]
     clips, skipped, seen = {}, {}, set()

@@ -47,7 +47,7 @@ def model_config(
             # nn.scan over identical layers (T5 blocks, WavLM layers 1..L-1): one compiled layer per
             # stack; params stacked on a leading `layers` axis (converted checkpoints load either way).
             scan_layers=False,
-            remat="none",  # per T5 block: none | full | dots_saveable | dots_with_no_batch_dims_saveable
+            remat="none",  # per T5 block / LLM layer: none | full | dots_saveable | dots_with_no_batch_dims_saveable
         )
     )
 
@@ -100,14 +100,14 @@ def build_model_config(
             if preset not in presets.DECODER_LM:
                 raise ValueError(f"model.llm_preset must be one of {sorted(presets.DECODER_LM)}, got {preset!r}")
             llm_cfg = DecoderLMConfig.from_hf(presets.DECODER_LM[preset])
-        # the packaged paper configs set these for the full-size T5; the decoder-only LLM runs its
-        # layers unrolled and without remat (said once, not an error, so those configs run as they are)
-        ignored = [f"model.{k}={model[k]!r}" for k, off in (("scan_layers", False), ("remat", "none"))
-                   if model[k] != off]
-        if ignored:
+        # the packaged paper configs scan the full-size T5's layers; the decoder-only LLM runs its
+        # layers unrolled (said once, not an error, so those configs run as they are). `model.remat`
+        # applies to each LLM layer.
+        if model.scan_layers:
             logging.getLogger(__name__).warning(
-                "%s: not implemented for model.layout='decoder' (T5 layout only); ignored", ", ".join(ignored))
-        return SpeechVerseDecoderConfig(wavlm=wavlm_cfg, llm=llm_cfg, **shared)
+                "model.scan_layers=True: not implemented for model.layout='decoder' (T5 layout only); WavLM's and "
+                "the LLM's layers run unrolled (model.remat=%r still applies per LLM layer)", str(model.remat))
+        return SpeechVerseDecoderConfig(wavlm=wavlm_cfg, llm=llm_cfg, remat=str(model.remat), **shared)
     t5_cfg = llm_cfg
     if t5_cfg is None:
         if model.t5_preset not in presets.T5:

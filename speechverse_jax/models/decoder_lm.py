@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from speechverse_jax.models.layers import Dense, Dtype, LoRAConfig, constrain
+from speechverse_jax.models.layers import Dense, Dtype, LoRAConfig, constrain, layer_class
 
 ACT = ("batch", "length", "embed")
 FAMILIES = {"llama": "llama", "qwen2": "qwen2", "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
@@ -590,12 +590,17 @@ def attention_mask(mask: jax.Array, window: Optional[int]) -> jax.Array:
 
 
 class DecoderLM(nn.Module):
-    """A causal LM. `__call__` (teacher-forced), `embed`, `prefill` and `decode_step` via `apply(..., method=)`."""
+    """A causal LM. `__call__` (teacher-forced), `embed`, `prefill` and `decode_step` via `apply(..., method=)`.
+
+    `remat`: a `model.remat` policy name (`models/layers.py: REMAT_POLICIES`) applied to each layer's
+    teacher-forced `__call__` (`nn.remat`; the params keep their `layers_{i}` paths, and the cached
+    decoding methods `step` / `step_beams` are not rematerialised)."""
 
     cfg: DecoderLMConfig
     lora: Optional[LoRAConfig] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: str = "none"
 
     def setup(self):
         c = self.cfg
@@ -605,7 +610,9 @@ class DecoderLM(nn.Module):
             dtype=self.dtype, param_dtype=self.param_dtype,
         )
         kw = dict(lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype)
-        self.layers = [Layer(c, i, **kw) for i in range(c.num_hidden_layers)]
+        # Layer.__call__(self, x, cos, sin, mask, deterministic): `deterministic` (5) is static
+        layer = layer_class(Layer, self.remat, static_argnums=(5,))
+        self.layers = [layer(c, i, **kw) for i in range(c.num_hidden_layers)]
         self.final_norm = RMSNorm(c.rms_norm_eps, gemma=c.is_gemma, dtype=self.dtype, param_dtype=self.param_dtype)
         if not c.tie_word_embeddings:
             self.lm_head = Dense(c.vocab_size, ("embed", "vocab"), **kw)
@@ -670,6 +677,13 @@ class DecoderLM(nn.Module):
         x, hidden, _ = self._forward(inputs_embeds, attention_mask, position_ids, deterministic,
                                      output_hidden_states)
         return LMOutput(constrain(self.logits(x), ("batch", "length", "vocab")), hidden)
+
+    def final_hidden(self, inputs_embeds: jax.Array, attention_mask: Optional[jax.Array] = None,
+                     position_ids: Optional[jax.Array] = None, deterministic: bool = True) -> jax.Array:
+        """Teacher-forced final (normed) hidden states `[b, t, hidden]`, without the LM head: pick the
+        positions that need logits first, then `logits(...)` on those only (the vocabulary projection
+        of a 128k-vocabulary LLM over every prompt and audio position is the largest activation)."""
+        return self._forward(inputs_embeds, attention_mask, position_ids, deterministic, False)[0]
 
     def prefill(self, inputs_embeds: jax.Array, attention_mask: jax.Array, max_length: int,
                 deterministic: bool = True) -> Tuple[jax.Array, Dict[str, Any]]:

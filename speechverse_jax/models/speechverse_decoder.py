@@ -16,6 +16,8 @@ each part packed against the previous one (`pack_segments`), with right padding 
 follows its last real one). Position ids count real items only, so both give the same numbers.
 
 Loss: on the answer tokens (and EOS) only; the prefix, audio and instruction are never targets.
+The LM head runs only on the positions that predict an answer token (`from_hidden_states`), so
+no `[b, prompt + audio, vocab]` logits are ever made.
 
 Gemma's sqrt(hidden) embedding normaliser applies to text tokens (through `DecoderLM.embed`) and
 NOT to the audio embeddings, as HF transformers 5 treats `inputs_embeds`: the downsampler is
@@ -58,8 +60,12 @@ class SpeechVerseDecoderConfig:
     lora: Optional[LoRAConfig] = None
     dtype: str = "float32"  # compute dtype
     frozen_param_dtype: str = "float32"  # storage of WavLM / LLM weights
+    remat: str = "none"  # per LLM layer: none | full | dots_saveable | dots_with_no_batch_dims_saveable
 
     def __post_init__(self):
+        from speechverse_jax.models.layers import remat_policy
+
+        remat_policy(self.remat)  # raises on an unknown name
         if self.layer_combination not in LAYER_COMBINATIONS:
             raise ValueError(
                 f"model.layer_combination must be one of {LAYER_COMBINATIONS}, got {self.layer_combination!r}")
@@ -167,7 +173,7 @@ class SpeechVerseDecoder(nn.Module):
         self.layer_weights = LayerCombination(cfg.layer_combination, dtype=dtype)
         self.downsampler = Downsampler(features=cfg.llm.hidden_size, strides=tuple(cfg.downsample_strides),
                                        kernel_size=cfg.downsample_kernel, dtype=dtype)
-        self.llm = DecoderLM(cfg.llm, lora=cfg.lora, dtype=dtype, param_dtype=frozen)
+        self.llm = DecoderLM(cfg.llm, lora=cfg.lora, dtype=dtype, param_dtype=frozen, remat=cfg.remat)
 
     def encode_audio(self, audio: jax.Array, audio_mask: jax.Array):
         """Frozen WavLM: audio `[b, samples]` -> (L+1 hidden states `[b, frames, dim]`, frame mask)."""
@@ -193,26 +199,49 @@ class SpeechVerseDecoder(nn.Module):
         return packed._replace(embeddings=constrain(packed.embeddings, ("batch", "length", "embed")))
 
     def from_hidden_states(self, hidden_states, frame_mask, prefix_ids, prefix_mask, suffix_ids, suffix_mask,
-                           answer_ids, answer_mask, left_pad: bool = False, deterministic: bool = True):
-        """Teacher-forced -> (logits `[b, T, vocab]`, targets `[b, T]`, loss mask `[b, T]`).
+                           answer_ids, answer_mask, left_pad: bool = False, deterministic: bool = True,
+                           logits_at: str = "answer"):
+        """Teacher-forced -> (logits, targets, loss mask) for the answer-only loss.
 
-        Position t predicts the token at t + 1; the loss mask is on where that token is an answer token.
+        `logits_at='answer'` (default, what training and eval use): logits `[b, A, vocab]` only at the
+        positions that predict answer token j = 0..A-1 (A = `answer_ids.shape[1]`), targets
+        `answer_ids`, mask `answer_mask`. The final hidden states of those positions are gathered
+        before the LM head, so the vocabulary projection and softmax never run over the prefix, audio
+        and instruction positions.
+
+        `logits_at='all'`: logits `[b, T, vocab]` over the whole packed sequence, targets `[b, T]` the
+        next token, the mask on where that token is an answer token (the same loss, computed the long way).
         """
+        if logits_at not in ("answer", "all"):
+            raise ValueError(f"logits_at must be 'answer' or 'all', got {logits_at!r}")
         packed = self.pack(self.adapt(hidden_states, frame_mask), prefix_ids, prefix_mask, suffix_ids, suffix_mask,
                            answer_ids, answer_mask, left_pad)
-        logits = self.llm(inputs_embeds=packed.embeddings, attention_mask=packed.mask,
-                          deterministic=deterministic).logits
-        targets = jnp.concatenate([packed.ids[:, 1:], jnp.zeros_like(packed.ids[:, :1])], axis=1)
-        next_is_answer = jnp.concatenate([packed.segments[:, 1:] == ANSWER,
-                                          jnp.zeros_like(packed.mask[:, :1])], axis=1)
-        return logits, jnp.maximum(targets, 0), next_is_answer
+        if logits_at == "all":
+            logits = self.llm(inputs_embeds=packed.embeddings, attention_mask=packed.mask,
+                              deterministic=deterministic).logits
+            targets = jnp.concatenate([packed.ids[:, 1:], jnp.zeros_like(packed.ids[:, :1])], axis=1)
+            next_is_answer = jnp.concatenate([packed.segments[:, 1:] == ANSWER,
+                                              jnp.zeros_like(packed.mask[:, :1])], axis=1)
+            return logits, jnp.maximum(targets, 0), next_is_answer
+        x = self.llm.final_hidden(packed.embeddings, packed.mask, deterministic=deterministic)  # [b, T, d]
+        total = x.shape[1]
+        # array index of the first answer token: pads (left padding only) + prefix, audio, suffix items
+        before = jnp.sum((packed.segments >= 0) & (packed.segments < ANSWER), axis=-1)
+        if left_pad:
+            before = before + total - jnp.sum(packed.mask, axis=-1)
+        # answer token j sits at before + j; the position before it predicts it
+        where = before[:, None] - 1 + jnp.arange(answer_ids.shape[1])[None, :]  # [b, A]
+        picked = jnp.take_along_axis(x, jnp.clip(where, 0, total - 1)[..., None], axis=1)
+        logits = constrain(self.llm.logits(picked), ("batch", "length", "vocab"))
+        mask = answer_mask.astype(bool) & (where >= 0)
+        return logits, jnp.where(mask, answer_ids.astype(jnp.int32), 0), mask
 
     def __call__(self, audio, audio_mask, prefix_ids, prefix_mask, suffix_ids, suffix_mask, answer_ids, answer_mask,
-                 left_pad: bool = False, deterministic: bool = True):
+                 left_pad: bool = False, deterministic: bool = True, logits_at: str = "answer"):
         """From raw audio `[b, samples]`; see `from_hidden_states`."""
         hidden, frame_mask = self.encode_audio(audio, audio_mask)
         return self.from_hidden_states(hidden, frame_mask, prefix_ids, prefix_mask, suffix_ids, suffix_mask,
-                                       answer_ids, answer_mask, left_pad, deterministic)
+                                       answer_ids, answer_mask, left_pad, deterministic, logits_at)
 
     def prompt(self, audio, audio_mask, prefix_ids, prefix_mask, suffix_ids, suffix_mask) -> Packed:
         """The left-padded generation prompt (no answer) from raw audio."""

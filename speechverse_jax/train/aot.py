@@ -92,15 +92,22 @@ def topology_devices(topology: str):
     return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
 
 
-def batch_shapes(config) -> Dict[str, int]:
-    """The worst-case padded batch: the largest bucket of each length, the global batch size."""
+def batch_shapes(config, layout: str = "t5") -> Dict[str, int]:
+    """The worst-case padded batch: the largest bucket of each length, the global batch size.
+
+    The decoder-only layout also has the chat template's text before the audio (`prefix_ids`),
+    padded to an instruction bucket by the loader: taken as the smallest one, which holds the
+    templates of the supported LLMs (Llama 3.x with its default system turn: about 30 tokens)."""
     d = config.data
-    return {
+    out = {
         "batch": int(d.batch_size),
         "audio_samples": int(round(max(float(s) for s in d.audio_buckets_seconds) * SAMPLE_RATE)),
         "instruction_len": max(int(x) for x in d.instruction_buckets),
         "target_len": max(int(x) for x in d.target_buckets),
     }
+    if layout == "decoder":
+        out["prefix_len"] = min(int(x) for x in d.instruction_buckets)
+    return out
 
 
 def _bytes_per_device(tree: Any) -> int:
@@ -120,19 +127,17 @@ def lower_train_step(config, mesh, model_cfg=None, activation_constraints: bool 
     """
     import flax.linen as nn
     from speechverse_jax import checkpoints as base_ckpt
-    from speechverse_jax.models import config as model_cfg_lib
+    from speechverse_jax.models import composed
+    from speechverse_jax.models.composed import init_params
     from speechverse_jax.models.layers import with_activation_sharding
-    from speechverse_jax.models.speechverse import SpeechVerse, init_params
     from speechverse_jax.train import optimizer as opt_lib
     from speechverse_jax.train import partitioning
     from speechverse_jax.train.step import init_state, make_train_step
 
-    if model_cfg is None:
-        wavlm_cfg = t5_cfg = None
-        if config.base_checkpoint:
-            wavlm_cfg, t5_cfg, _ = base_ckpt.load_model_config(config.base_checkpoint)
-        model_cfg = model_cfg_lib.build_model_config(config.model, wavlm_cfg, t5_cfg)
-    model = SpeechVerse(model_cfg)
+    if model_cfg is None:  # either layout: `model.layout` and the base checkpoint decide (as training)
+        model_cfg = base_ckpt.model_config_for(config.model, config.base_checkpoint)
+    layout = composed.layout_of(model_cfg)
+    model = composed.module_for(model_cfg)
     rules = partitioning.rules_from_config(config.mesh.rules)
     boxed = jax.eval_shape(lambda r: init_params(model_cfg, r), jax.random.PRNGKey(0))
     shardings = tree_lib.flatten(partitioning.param_shardings(boxed, mesh, rules))
@@ -147,7 +152,7 @@ def lower_train_step(config, mesh, model_cfg=None, activation_constraints: bool 
     state = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                    jax.eval_shape(lambda p: init_state(p, tx, 0), trainable), init.output_shardings)
 
-    shapes = batch_shapes(config)
+    shapes = batch_shapes(config, layout)
     b = shapes["batch"]
     batch_arrays = {
         "audio": ((b, shapes["audio_samples"]), jnp.float32), "audio_mask": ((b, shapes["audio_samples"]), jnp.bool_),
@@ -156,6 +161,9 @@ def lower_train_step(config, mesh, model_cfg=None, activation_constraints: bool 
         "target_ids": ((b, shapes["target_len"]), jnp.int32), "target_mask": ((b, shapes["target_len"]), jnp.bool_),
         "task_id": ((b,), jnp.int32), "example_mask": ((b,), jnp.bool_),
     }
+    if layout == "decoder":
+        batch_arrays["prefix_ids"] = ((b, shapes["prefix_len"]), jnp.int32)
+        batch_arrays["prefix_mask"] = ((b, shapes["prefix_len"]), jnp.bool_)
     batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=partitioning.batch_sharding(mesh, len(shape)))
              for k, (shape, dtype) in batch_arrays.items()}
     accum = int(config.train.accum_steps)
@@ -170,7 +178,8 @@ def lower_train_step(config, mesh, model_cfg=None, activation_constraints: bool 
     t0 = time.time()
     lowered = step.lower(state, frozen, batch)
     info = {
-        "model_cfg": model_cfg, "shapes": shapes, "accum_steps": accum, "lower_seconds": time.time() - t0,
+        "model_cfg": model_cfg, "layout": layout, "shapes": shapes, "accum_steps": accum,
+        "lower_seconds": time.time() - t0,
         "params": {"frozen": tree_lib.count(frozen), "trainable": tree_lib.count(trainable)},
         "per_device_bytes": {
             "frozen_params": _bytes_per_device(frozen),
@@ -321,10 +330,11 @@ def step_time_estimate(report: Dict[str, Any]) -> Optional[Dict[str, float]]:
     if chip is None:
         return None
     # XLA's cost analysis counts a while-loop body once (the layer scan, the accumulation loop),
-    # so the compute term uses the analytic model FLOPs, plus one more T5 forward when the blocks
-    # are rematerialised (the recomputation), spread over the devices.
+    # so the compute term uses the analytic model FLOPs, plus one more LLM forward (T5 or the
+    # decoder-only LLM) when its layers are rematerialised (the recomputation), spread over the devices.
     model_flops = report["analytic_flops"]["total"]
-    executed = model_flops + (report["analytic_flops"].get("t5_forward", 0.0) if report.get("remat", "none") != "none"
+    af = report["analytic_flops"]
+    executed = model_flops + (af.get("t5_forward", af.get("llm_forward", 0.0)) if report.get("remat", "none") != "none"
                               else 0.0)
     compute = executed / report["devices"] / chip["peak_flops"]
     ici = sum(v["ici_bytes"] for k, v in report["collectives"].items() if isinstance(v, dict)) / chip["ici_bw"]
@@ -378,11 +388,13 @@ def compile_train_step(config, log_fn=print, compiler_options: Optional[Dict[str
     shapes = info["shapes"]
     b = shapes["batch"]
     analytic = flops_lib.train_step_flops(info["model_cfg"], b, shapes["audio_samples"], shapes["instruction_len"],
-                                          shapes["target_len"])
+                                          shapes["target_len"], prefix_len=shapes.get("prefix_len", 0))
     n_dev = mesh.devices.size
     report = {
         "target": kind,
         "target_why": why,
+        "layout": info["layout"],
+        "llm": _llm_summary(info["model_cfg"]),
         "topology": topology,
         "mesh": {k: int(v) for k, v in mesh.shape.items()},
         "devices": int(n_dev),
@@ -390,7 +402,8 @@ def compile_train_step(config, log_fn=print, compiler_options: Optional[Dict[str
         "batch": shapes,
         "accum_steps": info["accum_steps"],
         "micro_batch_per_shard": b // info["accum_steps"] // (mesh.shape["data"] * mesh.shape["fsdp"]),
-        "scan_layers": bool(config.model.scan_layers),
+        # the decoder-only layout runs its layers unrolled whatever model.scan_layers says
+        "scan_layers": bool(config.model.scan_layers) and info["layout"] == "t5",
         "remat": str(config.model.remat),
         "params": info["params"],
         "per_device_bytes": info["per_device_bytes"],
@@ -422,12 +435,23 @@ def compile_train_step(config, log_fn=print, compiler_options: Optional[Dict[str
     return report
 
 
+def _llm_summary(cfg) -> str:
+    """'llama: 28 layers, hidden 3072, vocab 128256' (decoder) or 't5: 24+24 layers, d_model 2048, ...'."""
+    if hasattr(cfg, "llm"):
+        c = cfg.llm
+        return f"{c.family}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, vocab {c.vocab_size}"
+    c = cfg.t5
+    return f"t5: {c.num_layers}+{c.num_decoder_layers} layers, d_model {c.d_model}, vocab {c.vocab_size}"
+
+
 def format_report(r: Dict[str, Any]) -> str:
     gib = lambda x: f"{x / 2**30:8.2f} GiB"  # noqa: E731
     lines = [
-        f"compile-only [{r.get('target', 'cpu')}{' ' + r['topology'] if r.get('topology') else ''}]: mesh {r['mesh']} "
+        f"compile-only [{r.get('target', 'cpu')}{' ' + r['topology'] if r.get('topology') else ''}]: "
+        f"layout {r.get('layout', 't5')} ({r.get('llm', '?')}), mesh {r['mesh']} "
         f"on {r['devices']} x {r['device_kind']}; global batch {r['batch']['batch']} "
-        f"(audio {r['batch']['audio_samples'] / SAMPLE_RATE:g} s, instruction {r['batch']['instruction_len']}, "
+        f"({'prefix %d, ' % r['batch']['prefix_len'] if 'prefix_len' in r['batch'] else ''}"
+        f"audio {r['batch']['audio_samples'] / SAMPLE_RATE:g} s, instruction {r['batch']['instruction_len']}, "
         f"target {r['batch']['target_len']} tokens), accum_steps {r['accum_steps']} "
         f"(micro-batch {r.get('micro_batch_per_shard', '?')} rows per (data, fsdp) shard); "
         f"scan_layers={r.get('scan_layers')}, remat={r.get('remat')}",

@@ -8,6 +8,10 @@ computes; norms, softmax and element-wise work are left out, as usual for MFU. W
   block but the first (its input is the frozen encoder's output).
 - T5 (frozen, with LoRA): forward; backward computes input gradients only (one matmul per frozen
   weight matmul, two per activation-activation matmul in attention), no frozen weight gradients.
+- Decoder-only LLM (layout 'decoder', frozen, with LoRA): the same rule over the packed sequence
+  `[prefix | audio | instruction | answer]` (every layer's matmuls and full T x T attention: the
+  masks are applied to a dense score matrix, sliding-window layers included); the LM head runs only
+  on the answer positions (`SpeechVerseDecoder.from_hidden_states` gathers them first).
 - LoRA: forward, plus both its weight gradients and its input gradient (2x its forward).
 - The learnable layer weights (Eq. 1): a weighted sum, counted (forward and backward).
 
@@ -100,6 +104,32 @@ def t5_step(cfg, batch: int, source_len: int, target_len: int, lora_rank: int, l
     return {"forward": forward, "backward": weight + 2 * attn, "lora": 3 * lora}
 
 
+def _decoder_lora_targets(target_regex: str) -> set:
+    """The LLM projections the regex adapts, matched against the model's own module paths."""
+    pattern = re.compile(target_regex)
+    names = ("self_attention/q", "self_attention/k", "self_attention/v", "self_attention/o",
+             "mlp/gate", "mlp/up", "mlp/down")
+    return {n for n in names if pattern.fullmatch(f"llm/layers_0/{n}")}
+
+
+def decoder_lm_step(cfg, batch: int, seq_len: int, answer_len: int, lora_rank: int,
+                    lora_regex: str) -> Dict[str, float]:
+    """Decoder-only LLM FLOPs of a train step (`seq_len` packed positions, the LM head on
+    `answer_len` of them), split into forward, backward and LoRA (forward + backward)."""
+    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    q_out, kv_out = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    b, t, n = batch, seq_len, cfg.num_hidden_layers
+    shapes = {"self_attention/q": (d, q_out), "self_attention/k": (d, kv_out), "self_attention/v": (d, kv_out),
+              "self_attention/o": (q_out, d), "mlp/gate": (d, f), "mlp/up": (d, f), "mlp/down": (f, d)}
+    weight = n * sum(2 * b * t * i * o for i, o in shapes.values())
+    attn = n * 2 * 2 * b * t * t * q_out  # scores and weighted values, every query head
+    head = 2 * b * answer_len * d * v
+    lora = 0.0
+    if lora_rank:
+        lora = n * sum(2 * b * t * lora_rank * sum(shapes[p]) for p in _decoder_lora_targets(lora_regex))
+    return {"forward": weight + attn + head, "backward": weight + head + 2 * attn, "lora": 3 * lora}
+
+
 def downsampler_step(in_dim: int, out_dim: int, batch: int, frames: int, strides, kernel: int) -> Dict[str, float]:
     forward = backward = 0.0
     n, c_in = frames, in_dim
@@ -112,27 +142,42 @@ def downsampler_step(in_dim: int, out_dim: int, batch: int, frames: int, strides
     return {"forward": forward, "backward": backward}
 
 
+def is_decoder_layout(cfg) -> bool:
+    return hasattr(cfg, "llm")
+
+
 def train_step_flops(cfg: SpeechVerseConfig, batch: int, audio_samples: int, instruction_len: int,
-                     target_len: int, audio_frames: Optional[int] = None) -> Dict[str, float]:
+                     target_len: int, audio_frames: Optional[int] = None, prefix_len: int = 0) -> Dict[str, float]:
     """Model FLOPs of one train step over the whole global batch, by part.
 
     Shapes are the padded ones: audio `[batch, audio_samples]` (or cached encoder states with
     `audio_frames` frames, then the encoder is not run: pass `audio_samples=0`), instruction
-    `[batch, instruction_len]`, target `[batch, target_len]`.
+    `[batch, instruction_len]`, target `[batch, target_len]`; the decoder-only layout also has the
+    prompt before the audio, `[batch, prefix_len]`.
+
+    Keys: wavlm_forward, layer_weights, downsampler, lora, total, and t5_forward / t5_backward (layout
+    't5') or llm_forward / llm_backward (layout 'decoder').
     """
     frames = audio_frames if audio_frames is not None else wavlm_frames(cfg.wavlm, audio_samples)
     out = {"wavlm_forward": wavlm_forward(cfg.wavlm, batch, audio_samples) if audio_samples else 0.0}
     layers = cfg.wavlm.num_hidden_layers
     out["layer_weights"] = 0.0 if cfg.layer_combination == "last" else 4.0 * batch * frames * cfg.wavlm.hidden_size * layers
-    ds = downsampler_step(cfg.wavlm.hidden_size, cfg.t5.d_model, batch, frames, tuple(cfg.downsample_strides), cfg.downsample_kernel)
+    decoder = is_decoder_layout(cfg)
+    width = cfg.llm.hidden_size if decoder else cfg.t5.d_model
+    ds = downsampler_step(cfg.wavlm.hidden_size, width, batch, frames, tuple(cfg.downsample_strides), cfg.downsample_kernel)
     out["downsampler"] = ds["forward"] + ds["backward"]
     audio_tokens = frames
     for s in cfg.downsample_strides:
         audio_tokens = -(-audio_tokens // s)
     rank = cfg.lora.rank if cfg.lora is not None else 0
     regex = cfg.lora.target_regex if cfg.lora is not None else ""
-    t5 = t5_step(cfg.t5, batch, audio_tokens + instruction_len, target_len, rank, regex)
-    out["t5_forward"], out["t5_backward"], out["lora"] = t5["forward"], t5["backward"], t5["lora"]
+    if decoder:
+        llm = decoder_lm_step(cfg.llm, batch, prefix_len + audio_tokens + instruction_len + target_len, target_len,
+                              rank, regex)
+        out["llm_forward"], out["llm_backward"], out["lora"] = llm["forward"], llm["backward"], llm["lora"]
+    else:
+        t5 = t5_step(cfg.t5, batch, audio_tokens + instruction_len, target_len, rank, regex)
+        out["t5_forward"], out["t5_backward"], out["lora"] = t5["forward"], t5["backward"], t5["lora"]
     out["total"] = sum(out.values())
     return out
 

@@ -27,7 +27,6 @@ from speechverse_jax.errors import CheckpointMismatchError
 from speechverse_jax.models import composed
 from speechverse_jax.models import lora as lora_lib
 from speechverse_jax.models.composed import ComposedConfig, init_params, init_params_subset
-from speechverse_jax.models.speechverse import SpeechVerseConfig
 from speechverse_jax.models import scan_layout
 from speechverse_jax.models.layers import with_activation_sharding
 from speechverse_jax.train import checkpoint as ckpt_lib
@@ -145,23 +144,23 @@ def _audio_seconds(batch) -> float:
 
 
 @functools.lru_cache(maxsize=256)
-def _flops_for_shapes(model_cfg: SpeechVerseConfig, rows: int, samples: int, frames: Optional[int], instruction: int,
-                      target: int) -> float:
+def _flops_for_shapes(model_cfg: ComposedConfig, rows: int, samples: int, frames: Optional[int], instruction: int,
+                      target: int, prefix: int = 0) -> float:
     from speechverse_jax.train.flops import train_step_flops
 
-    return train_step_flops(model_cfg, rows, samples, instruction, target, audio_frames=frames)["total"]
+    return train_step_flops(model_cfg, rows, samples, instruction, target, audio_frames=frames,
+                            prefix_len=prefix)["total"]
 
 
 def _step_flops(model_cfg: ComposedConfig, batch) -> float:
-    """Analytic model FLOPs of one train step on this global batch's padded shapes (T5 layout;
-    0 for the decoder-only layout, whose FLOPs are not modelled: no TFLOP/s or MFU is logged)."""
-    if not isinstance(model_cfg, SpeechVerseConfig):
-        return 0.0
+    """Analytic model FLOPs of one train step on this global batch's padded shapes (either layout;
+    the decoder-only layout's prompt before the audio is `prefix_ids`)."""
     rows = batch["target_ids"].shape[0] * jax.process_count()
     ins, tgt = batch["instruction_ids"].shape[1], batch["target_ids"].shape[1]
+    pre = batch["prefix_ids"].shape[1] if "prefix_ids" in batch else 0
     if "hidden_states" in batch:  # cached encoder states [b, L+1, frames, dim]: no encoder forward
-        return _flops_for_shapes(model_cfg, rows, 0, batch["hidden_states"].shape[2], ins, tgt)
-    return _flops_for_shapes(model_cfg, rows, batch["audio"].shape[1], None, ins, tgt)
+        return _flops_for_shapes(model_cfg, rows, 0, batch["hidden_states"].shape[2], ins, tgt, pre)
+    return _flops_for_shapes(model_cfg, rows, batch["audio"].shape[1], None, ins, tgt, pre)
 
 
 def _target_tokens(batch) -> float:
@@ -332,7 +331,7 @@ def train(config, workdir: str, data: TrainData, mesh=None, progress: bool = Tru
     stop_reason = "max_steps"
     bar = tqdm(total=max_steps, initial=step, disable=not (progress and is_main), desc="train", unit="step",
                dynamic_ncols=True)
-    meter = ThroughputMeter(setup.model_cfg, _peak_flops(bool(tcfg.log_mfu) and isinstance(setup.model_cfg, SpeechVerseConfig), say))
+    meter = ThroughputMeter(setup.model_cfg, _peak_flops(bool(tcfg.log_mfu), say))
     compile_s = None
     try:
         while step < max_steps:
