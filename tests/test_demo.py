@@ -48,3 +48,23 @@ def test_quick_demo_runs_end_to_end(tmp_path, make_fake_release):
     assert "seen/free/joint" in metrics["ic"]
     with open(os.path.join(out, "summary.json")) as f:
         assert json.load(f)["infer_example"]["command"].startswith("speechverse-jax infer")
+
+
+def test_the_decoder_layout_needs_a_release_with_the_lm(tmp_path, make_fake_release):
+    """`layout='decoder'` converts the release's decoder-only LM: a release without one (before
+    release 4) is refused before the corpus is spoken, and so is an unknown layout."""
+    import pytest
+
+    from speechverse_jax.configs.demo import get_config
+    from speechverse_jax.demo.run import check_backbones
+    from speechverse_jax.errors import UserError
+
+    config = get_config("quick")
+    config.backbones.dir = make_fake_release(tmp_path / "release", ["turn on the radio"], held_out_seed=0)
+    check_backbones(config)  # the T5 layout: fine
+    config.layout = "decoder"
+    with pytest.raises(UserError, match="no decoder-only LM"):
+        check_backbones(config)
+    config.layout = "encoder"
+    with pytest.raises(UserError, match="layout must be one of"):
+        check_backbones(config)

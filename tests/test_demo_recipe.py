@@ -154,7 +154,7 @@ def test_the_quick_recipe_releases_checked_backbones_with_their_gates(quick_rele
     for gate in manifest["gates"].values():
         assert np.isfinite(gate["value"])
     assert 0 <= report["measured"]["encoder_dev_cer"] and 0 <= report["measured"]["probe_speech"] <= 100
-    for part in ("wavlm", "t5"):
+    for part in ("wavlm", "t5", "lm"):
         assert os.path.isdir(os.path.join(out, part, "checkpoints"))
         assert report[part]["steps"] > 0 and np.isfinite(report[part]["last_loss"])
         assert os.path.isfile(os.path.join(out, part, "metrics.jsonl"))
@@ -162,6 +162,50 @@ def test_the_quick_recipe_releases_checked_backbones_with_their_gates(quick_rele
     # the release converts like downloaded weights, and the HF reference agrees with our models
     converted = shipped.convert_shipped(release, str(tmp_path / "base"), progress=False)
     assert converted["max_rel_diff_vs_hf"] <= 1e-4
+    # and so does the decoder-only LM (HF LlamaForCausalLM), with its own tokenizer and chat template
+    decoder = shipped.convert_shipped(release, str(tmp_path / "base_decoder"), progress=False, layout="decoder")
+    assert decoder["max_rel_diff_vs_hf"] <= 1e-4 and decoder["layout"] == "decoder"
+    assert decoder["recipe"]["lm"]["model_type"] == "llama"
+    assert not decoder["reused"] and not converted["reused"]
+    from speechverse_jax import checkpoints
+
+    assert checkpoints.load_base_config(decoder["base_dir"])[0] == "decoder"
+    assert {"lm_copy_wer", "lm_kws_accuracy", "lm_copy_wer_shuffled"} <= set(report["measured"])
+
+
+def test_a_release_without_the_lm_is_refused_for_the_decoder_layout(make_fake_release, tmp_path):
+    folder = make_fake_release(str(tmp_path / "rel"), ["turn on the radio"])
+    with pytest.raises(UserError, match="no decoder-only LM"):
+        shipped.convert_shipped(folder, str(tmp_path / "base"), progress=False, layout="decoder")
+    with pytest.raises(UserError, match="layout must be"):
+        shipped.convert_shipped(folder, str(tmp_path / "base"), progress=False, layout="encoder")
+
+
+def test_lm_examples_put_what_is_said_where_the_audio_goes_and_the_answer_after(tmp_path):
+    """The decoder-only LM's text examples: `sample_parts` draws what `sample` draws, and the prompt is
+    the chat template's text around the audio placeholder with what is said in its place."""
+    from speechverse_jax import hf_tiny
+    from speechverse_jax.data.tokenizer import load_tokenizer
+    from speechverse_jax.demo.corpus import IC_LABELS, kws_vocabulary
+    from speechverse_jax.demo.text_tasks import TextTasks
+    from speechverse_jax.models.speechverse_decoder import AUDIO_PLACEHOLDER
+
+    families = sentence_families(0)
+    stream = TextTasks(families, kws_vocabulary(families), IC_LABELS)
+    triples = stream.sample_parts(np.random.default_rng(3), 6)
+    assert stream.sample(np.random.default_rng(3), 6) == [(f"{s} {i}", t) for s, i, t in triples]
+    folder = hf_tiny.save_decoder_tokenizer(str(tmp_path / "tok"), recipe.tokenizer_texts(families)[:3000], 300,
+                                            chat_template=hf_tiny.TINY_CHAT_TEMPLATE)
+    tok = load_tokenizer(folder)
+    prompts = recipe.LMPrompts(tok, max_input=64, max_target=4)
+    said, instruction, target = triples[0]
+    ids = prompts.prompt(said, instruction)
+    text = tok.apply_chat_template([{"role": "user", "content": f"{AUDIO_PLACEHOLDER}\n{instruction}"}],
+                                   tokenize=False, add_generation_prompt=True)
+    assert tok.decode(ids, skip_special_tokens=False).replace(" ", "") == \
+        text.replace(AUDIO_PLACEHOLDER, said).replace(" ", "")
+    answer = prompts.answer("one two three four five six")
+    assert len(answer) == 4 and answer[-1] == tok.eos_token_id  # cut to max_target, EOS kept
 
 
 def test_a_run_folder_refuses_another_recipe(quick_release):

@@ -4,6 +4,7 @@
     speechverse-jax demo --config demo:quick               # the CI smoke profile (a few minutes)
     speechverse-jax demo --config.stage2_multitask.train.max_steps=500 --config.corpus.sizes.train.ic=600
     speechverse-jax demo --pretrain-backbones              # run the backbones recipe (demo_backbones) first
+    speechverse-jax demo --config.layout=decoder --out outputs/demo_decoder   # the decoder-only LLM layout
 
 `get_config(profile)` returns the whole demo: the corpus (examples per split and task), where the
 backbones come from, then a curriculum config (same shape as the `curriculum` config) whose stages
@@ -16,7 +17,8 @@ import ml_collections
 
 from speechverse_jax.configs import common
 
-DEMO_LORA_TARGETS = r".*/(self_attention|cross_attention|mlp)/(q|k|v|o|wi_0|wi_1|wo)"
+# every linear map of the LLM: the T5's (wi_0 / wi_1 / wo) and the decoder-only LM's (gate / up / down)
+DEMO_LORA_TARGETS = r".*/(self_attention|cross_attention|mlp)/(q|k|v|o|wi_0|wi_1|wo|gate|up|down)"
 DEMO_TASKS = ("asr", "ic", "sf", "kws", "kwe", "ac", "sc", "sns", "open")
 
 # Examples per split and task of the espeak corpus.
@@ -61,6 +63,9 @@ def get_config(profile="full"):
     # dir: a backbones release folder (demo/shipped.py layout); "" is the one shipped in the package.
     # pretrain: run the demo_backbones recipe (this profile, this seed) and convert its release instead.
     config.backbones = dict(dir="", pretrain=False)
+    # the LLM of the release the demo trains on: 't5' (the paper's Flan-T5 layout) or 'decoder' (the
+    # release's Llama-style decoder-only LM, audio in its chat prompt); each converts to its own base
+    config.layout = "t5"
     # the curriculum's shared fields (the demo fills them in: its corpus and converted backbones)
     config.base_checkpoint = ""
     config.data = dict(train_manifests="", eval_manifests="", tokenizer="")

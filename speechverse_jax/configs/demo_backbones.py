@@ -30,9 +30,11 @@ FEMALE_VARIANTS = ("Alicia", "Andrea", "Annie", "anika", "anikaRobot", "aunty", 
 PROFILES = {
     "full": dict(wavlm_hidden=192, wavlm_layers=4, conv=64, wavlm_steps=(4000, 2000), wavlm_batch=8, narrow_steps=600,
                  t5_width=192, t5_layers=3, t5_steps=(1500, 1500, 3500), t5_batch=32, vocab=1000,
+                 lm_width=192, lm_layers=6, lm_steps=(1000, 1000, 3000),
                  eval_clips=200, probe_train=800, text_rows=200),
     "quick": dict(wavlm_hidden=32, wavlm_layers=2, conv=16, wavlm_steps=(6, 2), wavlm_batch=4, narrow_steps=4,
                   t5_width=32, t5_layers=1, t5_steps=(2, 2, 4), t5_batch=8, vocab=200,
+                  lm_width=32, lm_layers=2, lm_steps=(2, 2, 4),
                   eval_clips=8, probe_train=12, text_rows=8),
 }
 
@@ -105,6 +107,21 @@ def get_config(profile="full"):
                             sf=0.12, kws=0.1, kws_random=0.1, kwe=0.08, open=0.04, joint=0.06)),
         ],
     )
+    # the decoder-only LM beside the T5 (the demo's `layout='decoder'`): Llama-style (RoPE, GQA,
+    # SwiGLU, tied embeddings as Llama 3.2 1B/3B), its own BPE tokenizer with a chat template, the
+    # same text-task phases as the T5 with the answer after a chat prompt that holds the input text
+    # where the audio goes; loss on the answer tokens only, as in SpeechVerse training
+    w = p["lm_width"]
+    config.lm = dict(
+        model=dict(model_type="llama", hidden_size=w, intermediate_size=w * 8 // 3, num_hidden_layers=p["lm_layers"],
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=w // 4, rms_norm_eps=1e-5,
+                   hidden_act="silu", tie_word_embeddings=True, max_position_embeddings=1024,
+                   rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+        tokenizer=dict(vocab_size=p["vocab"], chat_template=True),
+        batch_size=p["t5_batch"], lr=1e-3, adam_b2=0.95, max_input_tokens=192, max_target_tokens=48,
+        phases=[dict(ph, steps=steps, warmup_steps=max(steps // (12 if i == 0 else 20), 1))
+                for i, (ph, steps) in enumerate(zip(config.t5.phases, p["lm_steps"]))],
+    )
     # measured on held-out dev data at the end and written into the manifest; below a gate the
     # recipe fails (the quick profile's tiny backbones only report them)
     config.gates = dict(
@@ -113,6 +130,8 @@ def get_config(profile="full"):
         thresholds=dict(
             encoder_dev_cer=("<=", 3.0), probe_accent=(">=", 95.0), probe_voices=(">=", 95.0),
             probe_speech=(">=", 99.0), text_copy_wer=("<=", 2.0), text_ic_accuracy=(">=", 98.0),
-            text_sf_slu_f1=(">=", 95.0), text_kws_accuracy=(">=", 98.0), text_kwe_f1=(">=", 95.0)),
+            text_sf_slu_f1=(">=", 95.0), text_kws_accuracy=(">=", 98.0), text_kwe_f1=(">=", 95.0),
+            lm_copy_wer=("<=", 2.0), lm_ic_accuracy=(">=", 98.0), lm_sf_slu_f1=(">=", 95.0),
+            lm_kws_accuracy=(">=", 98.0), lm_kwe_f1=(">=", 95.0)),
     )
     return config

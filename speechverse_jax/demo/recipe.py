@@ -1,18 +1,22 @@
-"""`speechverse-jax demo-backbones`: the recipe that makes the demo's pretrained WavLM and T5 once.
+"""`speechverse-jax demo-backbones`: the recipe that makes the demo's pretrained WavLM and LLMs once.
 
-Real users download WavLM and Flan-T5; the demo ships its own tiny stand-ins, made by this recipe
-(config: speechverse_jax/configs/demo_backbones.py) and released with the package like downloaded
-weights (demo/shipped.py checks and converts them):
+Real users download WavLM and Flan-T5 (or Llama / Qwen / Gemma); the demo ships its own tiny
+stand-ins, made by this recipe (config: speechverse_jax/configs/demo_backbones.py) and released with
+the package like downloaded weights (demo/shipped.py checks and converts them):
 
-    1. tokenizer   a T5-style sentencepiece model over the train sentences, labels and prompts
+    1. tokenizer   a T5-style sentencepiece model over the train sentences, labels and prompts; a
+                   BPE tokenizer with a chat template over the same texts for the decoder-only LM
     2. wavlm       from scratch on espeak-ng speech made on the fly (demo/speech_stream.py): CTC on
                    characters (what is said) + utterance-level accent and voice-count heads (who speaks)
-    3. t5          from scratch on an endless stream of text tasks (demo/backbones.py TextTasks):
+    3. t5          from scratch on an endless stream of text tasks (demo/text_tasks.py TextTasks):
                    copying first, then the task mix, over train sentences and random word orders
-    4. gates       on held-out dev data: greedy CTC CER, linear probes (accent, one vs two voices,
-                   speech vs non-speech), the T5 alone on dev text (copy WER, IC, SF, KWS, KWE)
-    5. release     HF-layout folders (WavLM without its heads, T5 + tokenizer), converted once with
-                   --verify, and MANIFEST.json (checksums, recipe, commit, wall time, machine, gates)
+    4. lm          a Llama-style decoder-only LM on the same stream, what is said in its chat prompt
+                   where the audio goes, loss on the answer only (the demo's decoder-only layout)
+    5. gates       on held-out dev data: greedy CTC CER, linear probes (accent, one vs two voices,
+                   speech vs non-speech), each LLM alone on dev text (copy WER, IC, SF, KWS, KWE)
+    6. release     HF-layout folders (WavLM without its heads, T5 + tokenizer, LM + tokenizer),
+                   converted once with --verify, and MANIFEST.json (checksums, recipe, commit, wall
+                   time, machine, gates)
 
 Every training part checkpoints with orbax into `out/<part>/`; batch `i` is a pure function of
 (seed, i), so a run killed and started again ends with the same weights as an uninterrupted one.
@@ -408,6 +412,107 @@ def pretrain_t5(config, families, tokenizer, workdir: str, progress: bool = True
     return params, cfg, report
 
 
+# -- the decoder-only LM ---------------------------------------------------------------------------
+
+def build_lm_tokenizer(config, families, out_dir: str):
+    """The decoder-only LM's own tokenizer: byte-level-free BPE over the same texts as the T5's, with
+    pad / bos / eos and a small chat template (hf_tiny.TINY_CHAT_TEMPLATE) when `lm.tokenizer.chat_template`."""
+    from speechverse_jax import hf_tiny
+    from speechverse_jax.data.tokenizer import load_tokenizer
+
+    if not os.path.exists(os.path.join(out_dir, "tokenizer_config.json")):
+        template = hf_tiny.TINY_CHAT_TEMPLATE if bool(config.lm.tokenizer.chat_template) else None
+        hf_tiny.save_decoder_tokenizer(out_dir, tokenizer_texts(families), int(config.lm.tokenizer.vocab_size),
+                                       chat_template=template)
+    return load_tokenizer(out_dir)
+
+
+def lm_config(config, tokenizer):
+    """The `DecoderLMConfig` of `config.lm.model` for `tokenizer` (vocabulary rounded up to 64)."""
+    from speechverse_jax.models.decoder_lm import DecoderLMConfig
+
+    vocab = int(np.ceil(len(tokenizer) / 64) * 64)
+    return DecoderLMConfig.from_hf(dict(config.lm.model.to_dict(), vocab_size=vocab,
+                                        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                                        eos_token_id=tokenizer.eos_token_id))
+
+
+class LMPrompts:
+    """Text examples in the decoder-only layout: `prefix | what is said | suffix` (the chat prompt of
+    the instruction, split where the audio goes, `speechverse_decoder.prompt_parts`), then the answer
+    and EOS. What is said is cut to `max_input` tokens, the answer to `max_target` (EOS kept)."""
+
+    def __init__(self, tokenizer, max_input: int, max_target: int):
+        self.tokenizer, self.max_input, self.max_target = tokenizer, int(max_input), int(max_target)
+        self._parts: Dict[str, Tuple[List[int], List[int]]] = {}
+
+    def prompt(self, said: str, instruction: str) -> List[int]:
+        from speechverse_jax.models.speechverse_decoder import prompt_parts
+
+        parts = self._parts.get(instruction)
+        if parts is None:
+            parts = prompt_parts(self.tokenizer, instruction)
+            if len(self._parts) < 65536:
+                self._parts[instruction] = parts
+        said_ids = list(self.tokenizer(said, add_special_tokens=False)["input_ids"])[: self.max_input]
+        return parts[0] + said_ids + parts[1]
+
+    def answer(self, target: str) -> List[int]:
+        from speechverse_jax.models.speechverse_decoder import answer_ids
+
+        ids = answer_ids(self.tokenizer, target)
+        return ids if len(ids) <= self.max_target else ids[: self.max_target - 1] + ids[-1:]
+
+
+def pretrain_lm(config, families, tokenizer, workdir: str, progress: bool = True):
+    """The decoder-only LM on the text tasks (the T5's phases), loss on the answer tokens only.
+    -> (params of `DecoderLM(cfg)`, DecoderLMConfig, report)."""
+    from speechverse_jax.demo.corpus import IC_LABELS, kws_vocabulary
+    from speechverse_jax.demo.text_tasks import TextTasks
+    from speechverse_jax.models.decoder_lm import DecoderLM
+    from speechverse_jax.models.speechverse import token_cross_entropy
+
+    t = config.lm
+    cfg = lm_config(config, tokenizer)
+    model = DecoderLM(cfg)
+    streams = [TextTasks(families, kws_vocabulary(families), IC_LABELS, weights=dict(ph["tasks"]),
+                         salad_words=tuple(ph["salad_words"])) for ph in t.phases]
+    bounds = np.cumsum([int(ph["steps"]) for ph in t.phases])
+    prompts = LMPrompts(tokenizer, int(t.max_input_tokens), int(t.max_target_tokens))
+    bs, pad = int(t.batch_size), int(cfg.pad_token_id or 0)
+
+    def batch_at(i):
+        phase = int(np.searchsorted(bounds, i, side="right"))
+        triples = streams[min(phase, len(streams) - 1)].sample_parts(_seed_rng(int(config.seed), 0x7E57, i), bs)
+        rows = [(prompts.prompt(said, instruction), prompts.answer(target)) for said, instruction, target in triples]
+        length = int(np.ceil(max(len(p) + len(a) for p, a in rows) / 16) * 16)
+        ids = np.full((bs, length), pad, np.int32)
+        mask = np.zeros((bs, length), bool)
+        answer = np.zeros((bs, length), bool)
+        for r, (p, a) in enumerate(rows):
+            ids[r, : len(p) + len(a)] = p + a
+            mask[r, : len(p) + len(a)] = True
+            answer[r, len(p): len(p) + len(a)] = True
+        return {"ids": ids, "mask": mask, "answer": answer}
+
+    def loss_fn(params, batch, rng):
+        logits = model.apply({"params": params}, input_ids=batch["ids"], attention_mask=batch["mask"]).logits
+        # position j predicts token j + 1: the loss is on the answer tokens (EOS included)
+        loss = token_cross_entropy(logits[:, :-1], batch["ids"][:, 1:], batch["answer"][:, 1:])[0]
+        return loss, {}
+
+    sample = batch_at(0)
+    params = nn.unbox(model.init(jax.random.PRNGKey(int(config.seed)), input_ids=sample["ids"][:1],
+                                 attention_mask=sample["mask"][:1])["params"])
+    steps = int(bounds[-1])
+    schedule = _schedule([(int(ph["steps"]), int(ph["warmup_steps"])) for ph in t.phases], float(t.lr))
+    _say(f"lm: {sum(x.size for x in jax.tree_util.tree_leaves(params)) / 1e6:.2f}M params, vocab {cfg.vocab_size}, "
+         f"{steps} steps of {bs} text examples in {len(t.phases)} phases")
+    params, report = train_part("lm", workdir, loss_fn, params, batch_at, steps, schedule,
+                                int(config.checkpoint_every), progress, adam_b2=float(t.adam_b2))
+    return params, cfg, report
+
+
 # -- the gates -------------------------------------------------------------------------------------
 
 def _render_rows(rows_specs, progress: bool, desc: str, workers: int = 2):
@@ -507,25 +612,16 @@ def encoder_gates(config, families, model: WavLMPretrainer, params: dict, progre
     return out
 
 
-def text_gates(config, families, t5_cfg, params, tokenizer) -> Dict[str, Any]:
-    """The T5 alone on the text form of held-out dev examples (`<transcript> <instruction>`, greedy)."""
-    from speechverse_jax.data import tasks
-    from speechverse_jax.data.tokenizer import TextEncoder
-    from speechverse_jax.decode.generate import GenerateConfig, generate
-    from speechverse_jax.eval import metrics
-    from speechverse_jax.models.t5 import T5
-
-    model = T5(t5_cfg)
-    names = {"asr": "text_copy_wer", "ic": "text_ic_accuracy", "sf": "text_sf_slu_f1", "kws": "text_kws_accuracy",
-             "kwe": "text_kwe_f1"}
-    out = {}
-    encoder = TextEncoder(tokenizer=tokenizer)
-    seed, n = int(config.seed), int(config.gates.text_rows)
-    cases = [(gate, task, [r for r, _ in _planned(task, "dev", n, families, seed)]) for task, gate in names.items()]
-    # reported only: dev sentences with their words shuffled (orders no template makes), to tell a
-    # T5 that reads its input from one that recalls templates
+def _text_cases(config, families) -> List[Tuple[str, str, List[dict]]]:
+    """The LLM gates' held-out dev rows: [(measure, task, rows)], each row with `transcript` (what is
+    said), the task's fields and `target`. The `_shuffled` measures are reported, never gated: dev
+    sentences with their words shuffled (orders no template makes) tell an LLM that reads its input
+    from one that recalls templates."""
     from speechverse_jax.demo.corpus import kws_pick, kws_vocabulary, shuffled_sentences
 
+    names = {"asr": "copy_wer", "ic": "ic_accuracy", "sf": "sf_slu_f1", "kws": "kws_accuracy", "kwe": "kwe_f1"}
+    seed, n = int(config.seed), int(config.gates.text_rows)
+    cases = [(name, task, [r for r, _ in _planned(task, "dev", n, families, seed)]) for task, name in names.items()]
     every = [s.text for fam in families.values() for sp in ("train", "dev", "test") for s in fam[sp]]
     shuffled = shuffled_sentences(families["asr"]["dev"], seed, every)[:n]
     rng, vocab = _seed_rng(seed, 0x5AFE), kws_vocabulary(families)
@@ -533,11 +629,38 @@ def text_gates(config, families, t5_cfg, params, tokenizer) -> Dict[str, Any]:
     for i, s in enumerate(shuffled):
         keyword, answer = kws_pick(s.text, vocab, i % 2 == 0, rng)
         kws_rows.append({"task": "kws", "transcript": s.text, "keyword": keyword, "target": answer})
-    cases += [("text_copy_wer_shuffled", "asr", [{"task": "asr", "transcript": s.text, "target": s.text}
-                                                 for s in shuffled]),
-              ("text_kws_accuracy_shuffled", "kws", kws_rows)]
-    for gate, task, rows in cases:
-        ids = encoder.encode([f"{r['transcript']} {tasks.build_instruction(task, r, i)}" for i, r in enumerate(rows)])
+    cases += [("copy_wer_shuffled", "asr", [{"task": "asr", "transcript": s.text, "target": s.text}
+                                            for s in shuffled]),
+              ("kws_accuracy_shuffled", "kws", kws_rows)]
+    return cases
+
+
+def _score_cases(config, families, prefix: str, answer: Callable[[List[str], List[str]], List[str]]) -> Dict[str, Any]:
+    """{prefix + measure: score} of `answer(what is said [n], instructions [n]) -> n answers`."""
+    from speechverse_jax.data import tasks
+    from speechverse_jax.eval import metrics
+
+    out = {}
+    for name, task, rows in _text_cases(config, families):
+        hyps = answer([r["transcript"] for r in rows], [tasks.build_instruction(task, r, i) for i, r in enumerate(rows)])
+        spec = tasks.get_task(task)
+        labels = tasks.resolve_labels(spec, rows[0]) if (spec.labels or rows[0].get("labels")) else None
+        result = metrics.evaluate_task(task, hyps, [r["target"] for r in rows], labels=labels)
+        out[prefix + name] = round(float(result[spec.metric]), 2)
+    return out
+
+
+def text_gates(config, families, t5_cfg, params, tokenizer) -> Dict[str, Any]:
+    """The T5 alone on the text form of held-out dev examples (`<transcript> <instruction>`, greedy)."""
+    from speechverse_jax.data.tokenizer import TextEncoder
+    from speechverse_jax.decode.generate import GenerateConfig, generate
+    from speechverse_jax.models.t5 import T5
+
+    model = T5(t5_cfg)
+    encoder = TextEncoder(tokenizer=tokenizer)
+
+    def answer(said, instructions):
+        ids = encoder.encode([f"{x} {y}" for x, y in zip(said, instructions)])
         hyps = []
         for start in range(0, len(ids), 64):
             part = ids[start:start + 64]
@@ -550,11 +673,37 @@ def text_gates(config, families, t5_cfg, params, tokenizer) -> Dict[str, Any]:
             gen = generate(model, params, enc, mask, GenerateConfig(max_new_tokens=48))
             hyps += [tokenizer.decode(t[:n], skip_special_tokens=True)
                      for t, n in zip(np.asarray(gen.tokens), np.asarray(gen.lengths))]
-        spec = tasks.get_task(task)
-        labels = tasks.resolve_labels(spec, rows[0]) if (spec.labels or rows[0].get("labels")) else None
-        result = metrics.evaluate_task(task, hyps, [r["target"] for r in rows], labels=labels)
-        out[gate] = round(float(result[spec.metric]), 2)
-    return out
+        return hyps
+
+    return _score_cases(config, families, "text_", answer)
+
+
+def lm_gates(config, families, lm_cfg, params, tokenizer) -> Dict[str, Any]:
+    """The decoder-only LM alone on the same held-out dev examples, what is said in its chat prompt
+    where the audio goes (greedy, KV cache)."""
+    from speechverse_jax.decode.generate import GenerateConfig
+    from speechverse_jax.decode.generate_decoder import generate_lm
+    from speechverse_jax.models.decoder_lm import DecoderLM
+
+    model = DecoderLM(lm_cfg)
+    prompts = LMPrompts(tokenizer, int(config.lm.max_input_tokens), int(config.lm.max_target_tokens))
+    embed = jax.jit(lambda p, ids: model.apply({"params": p}, ids, method=DecoderLM.embed))
+
+    def answer(said, instructions):
+        rows = [prompts.prompt(x, y) for x, y in zip(said, instructions)]
+        hyps = []
+        for start in range(0, len(rows), 64):
+            part = rows[start:start + 64]
+            arr = np.zeros((len(part), int(np.ceil(max(map(len, part)) / 16) * 16)), np.int32)
+            mask = np.zeros(arr.shape, bool)
+            for i, x in enumerate(part):  # left padding: the answer follows the prompt's last token
+                arr[i, arr.shape[1] - len(x):], mask[i, arr.shape[1] - len(x):] = x, True
+            gen = generate_lm(model, params, embed(params, arr), mask, GenerateConfig(max_new_tokens=48))
+            hyps += [tokenizer.decode(t[:n], skip_special_tokens=True).strip()
+                     for t, n in zip(np.asarray(gen.tokens), np.asarray(gen.lengths))]
+        return hyps
+
+    return _score_cases(config, families, "lm_", answer)
 
 
 def judge(measured: Mapping[str, Any], thresholds: Mapping[str, Sequence]) -> Dict[str, Dict[str, Any]]:
@@ -569,8 +718,8 @@ def judge(measured: Mapping[str, Any], thresholds: Mapping[str, Sequence]) -> Di
 
 
 def plot_training(out_dir: str, out_png: str) -> str:
-    """The two parts' training curves side by side: the WavLM's objectives, the T5's loss (a running
-    median over 8 logs: its batches are one task kind each, so single logs jump between kinds)."""
+    """The parts' training curves side by side: the WavLM's objectives, the T5's and the LM's loss (a
+    running median over 8 logs: their batches are one task kind each, so single logs jump between kinds)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -578,14 +727,15 @@ def plot_training(out_dir: str, out_png: str) -> str:
 
     from speechverse_jax.train.metrics_log import read_metrics
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, part, keys in ((axes[0], "wavlm", ("ctc", "accent_ce", "voices_ce")), (axes[1], "t5", ("loss",))):
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, part, keys in ((axes[0], "wavlm", ("ctc", "accent_ce", "voices_ce")), (axes[1], "t5", ("loss",)),
+                           (axes[2], "lm", ("loss",))):
         path = os.path.join(out_dir, part, "metrics.jsonl")
         rows = read_metrics(path, "train") if os.path.exists(path) else []
         for key in keys:
             steps = [r["step"] for r in rows if key in r]
             values = np.asarray([r[key] for r in rows if key in r], float)
-            if part == "t5" and values.size:
+            if part != "wavlm" and values.size:
                 values = np.asarray([np.median(values[max(0, i - 7):i + 1]) for i in range(values.size)])
             ax.plot(steps, values, label=key if part == "wavlm" else "loss (running median)")
         ax.set_title(part)
@@ -632,7 +782,7 @@ def _check_recipe(config, out_dir: str) -> dict:
     return recipe
 
 
-PARTS = ("all", "tokenizer", "wavlm", "t5")
+PARTS = ("all", "tokenizer", "wavlm", "t5", "lm")
 
 
 def run_recipe(config, out_dir: Optional[str] = None, progress: bool = True, part: str = "all") -> Dict[str, Any]:
@@ -640,10 +790,11 @@ def run_recipe(config, out_dir: Optional[str] = None, progress: bool = True, par
     `out_dir/release/`. Returns the report (also `out_dir/report.json`). Raises `GateError`
     after writing the release when a gate fails and `gates.enforce` is set.
 
-    `part`: 'all', or one piece ('tokenizer', then 'wavlm' and 't5' as two processes side by side,
-    each resumable; 'all' afterwards finds both trained and only measures and releases)."""
+    `part`: 'all', or one piece ('tokenizer', then 'wavlm', 't5' and 'lm' as processes side by side,
+    each resumable; 'all' afterwards finds them trained and only measures and releases)."""
     if part not in PARTS:
         raise UserError(f"--part must be one of {', '.join(PARTS)}, got {part!r}")
+    from speechverse_jax.convert.decoder_lm import export_decoder_lm
     from speechverse_jax.convert.export import export_t5, export_wavlm
     from speechverse_jax.demo.corpus import held_out_fingerprint, sentence_families
 
@@ -656,23 +807,29 @@ def run_recipe(config, out_dir: Optional[str] = None, progress: bool = True, par
 
     t = time.time()
     tokenizer = build_tokenizer(config, families, os.path.join(out_dir, "tokenizer"))
+    lm_tokenizer = build_lm_tokenizer(config, families, os.path.join(out_dir, "lm_tokenizer"))
     timings["tokenizer"] = round(time.time() - t, 1)
-    _say(f"tokenizer: {len(tokenizer)} pieces")
+    _say(f"tokenizers: T5 {len(tokenizer)} pieces, LM {len(lm_tokenizer)}")
     if part == "tokenizer":
-        return {"part": part, "tokenizer_pieces": len(tokenizer)}
+        return {"part": part, "tokenizer_pieces": len(tokenizer), "lm_tokenizer_pieces": len(lm_tokenizer)}
     if part in ("all", "wavlm"):
         wavlm_params, wavlm_cfg, wavlm_report = pretrain_wavlm(config, families, os.path.join(out_dir, "wavlm"),
                                                                progress)
     if part in ("all", "t5"):
         t5_params, t5_cfg, t5_report = pretrain_t5(config, families, tokenizer, os.path.join(out_dir, "t5"), progress)
+    if part in ("all", "lm"):
+        lm_params, lm_cfg, lm_report = pretrain_lm(config, families, lm_tokenizer, os.path.join(out_dir, "lm"),
+                                                   progress)
     if part != "all":
-        return {"part": part, "report": wavlm_report if part == "wavlm" else t5_report}
+        return {"part": part, "report": {"wavlm": lambda: wavlm_report, "t5": lambda: t5_report,
+                                         "lm": lambda: lm_report}[part]()}
 
     t = time.time()
     _say("measuring the gates on held-out dev data")
     model = WavLMPretrainer(wavlm_cfg, len(config.wavlm.data.accents), int(config.wavlm.aux_layer))
     measured = encoder_gates(config, families, model, wavlm_params, progress)
     measured.update(text_gates(config, families, t5_cfg, t5_params, tokenizer))
+    measured.update(lm_gates(config, families, lm_cfg, lm_params, lm_tokenizer))
     gates = judge(measured, config.gates.thresholds.to_dict())
     timings["gates"] = round(time.time() - t, 1)
 
@@ -681,10 +838,14 @@ def run_recipe(config, out_dir: Optional[str] = None, progress: bool = True, par
     export_t5(t5_cfg, t5_params, os.path.join(release, "t5"))
     for name in sorted(os.listdir(os.path.join(out_dir, "tokenizer"))):  # spiece.model and what HF wrote beside it
         shutil.copy(os.path.join(out_dir, "tokenizer", name), os.path.join(release, "t5", name))
+    export_decoder_lm(lm_cfg, lm_params, os.path.join(release, "lm"))
+    for name in sorted(os.listdir(os.path.join(out_dir, "lm_tokenizer"))):
+        shutil.copy(os.path.join(out_dir, "lm_tokenizer", name), os.path.join(release, "lm", name))
     from speechverse_jax.demo import shipped
 
     # compute seconds of every part summed (the parts may have run side by side: not the wall clock)
-    wall = round(wavlm_report["seconds"] + t5_report["seconds"] + timings["tokenizer"] + timings["gates"], 1)
+    wall = round(wavlm_report["seconds"] + t5_report["seconds"] + lm_report["seconds"] + timings["tokenizer"]
+                 + timings["gates"], 1)
     shipped.write_manifest(release, recipe=recipe, profile=config.profile, gates=gates,
                            held_out={"seed": int(config.split_seed), "fingerprint": held_out_fingerprint(int(config.split_seed))},
                            wall_seconds=wall,
@@ -692,6 +853,7 @@ def run_recipe(config, out_dir: Optional[str] = None, progress: bool = True, par
                                      if k not in gates and isinstance(v, (int, float)) and not k.endswith("_layer")})
     report = {"release_dir": release, "profile": config.profile, "timings": timings, "wall_seconds": wall,
               "this_call_seconds": round(time.time() - t_start, 1), "wavlm": wavlm_report, "t5": t5_report,
+              "lm": lm_report,
               "measured": measured, "gates": gates, "tokenizer_pieces": len(tokenizer),
               "machine": shipped.machine_info()}
     report["plot"] = plot_training(out_dir, os.path.join(out_dir, "training.png"))

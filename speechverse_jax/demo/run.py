@@ -1,9 +1,10 @@
 """`speechverse-jax demo`: a tiny SpeechVerse trained and evaluated end to end on 2 CPU cores.
 
     1. corpus     espeak-ng speaks a multi-task corpus (demo/corpus.py)
-    2. backbones  the WavLM + T5 shipped in the package (demo/pretrained/, made by `speechverse-jax
-                  demo-backbones`; demo/shipped.py): checksums checked, converted with `speechverse-jax
-                  convert --verify` like downloaded weights (once per output folder, then reused).
+    2. backbones  the WavLM + T5 (or, with `layout='decoder'`, + the decoder-only LM) shipped in the
+                  package (demo/pretrained/, made by `speechverse-jax demo-backbones`; demo/shipped.py):
+                  checksums checked, converted with `speechverse-jax convert --verify` like downloaded
+                  weights (once per output folder, then reused).
                   `--pretrain-backbones` runs the recipe here instead and converts its release.
     3. cache      the frozen encoder's hidden states, computed once for every clip
     4. curriculum stage1 -> stage2_warmup -> stage2_multitask (configs/demo.py)
@@ -24,7 +25,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from speechverse_jax import configs
-from speechverse_jax.models import config as model_cfg_lib
+from speechverse_jax.errors import UserError
 
 
 def demo_config(profile: str = "full"):
@@ -47,12 +48,20 @@ def check_backbones(config) -> None:
     dev/test sentences (a bad folder fails in a second, not after the corpus)."""
     from speechverse_jax.demo import shipped
 
+    if str(config.layout) not in shipped.LAYOUT_LLM:
+        raise UserError(f"layout must be one of {sorted(shipped.LAYOUT_LLM)}, got {config.layout!r}")
     if not config.backbones.pretrain:
-        shipped.check_corpus_compatible(shipped.verify_checksums(backbones_folder(config)), int(config.seed))
+        manifest = shipped.verify_checksums(backbones_folder(config))
+        shipped.check_corpus_compatible(manifest, int(config.seed))
+        absent = [f for f in shipped.LM_FILES if f not in manifest["files"]] if config.layout == "decoder" else []
+        if absent:
+            raise UserError(f"{backbones_folder(config)}: this release has no decoder-only LM ({absent[0]}) for "
+                            "layout=decoder")
 
 
 def build_backbones(config, out_dir: str, progress: bool = True) -> Dict[str, Any]:
-    """The converted base in `out_dir/base`: from the shipped backbones, or with `backbones.pretrain`
+    """The converted base in `out_dir/base` (`layout` 'decoder': the WavLM + the decoder-only LM in
+    `out_dir/base_decoder`): from the shipped backbones, or with `backbones.pretrain`
     from the recipe (`speechverse-jax demo-backbones`, the config's profile, the corpus's seed) run
     into `out_dir/recipe`. Either release folder is checked and converted like downloaded weights."""
     from speechverse_jax.demo import shipped
@@ -68,7 +77,9 @@ def build_backbones(config, out_dir: str, progress: bool = True) -> Dict[str, An
         folder = backbones_folder(config)
         origin = "shipped" if folder == shipped.PRETRAINED_DIR else "backbones.dir"
     shipped.check_corpus_compatible(shipped.read_manifest(folder), int(config.seed))
-    return dict(shipped.convert_shipped(folder, os.path.join(out_dir, "base"), progress), origin=origin)
+    layout = str(config.layout)
+    base = os.path.join(out_dir, "base" if layout == "t5" else f"base_{layout}")
+    return dict(shipped.convert_shipped(folder, base, progress, layout=layout), origin=origin)
 
 
 def encoder_cache(config, base_dir: str, corpus_dir: str, out_path: str, progress: bool = True):
@@ -84,8 +95,7 @@ def encoder_cache(config, base_dir: str, corpus_dir: str, out_path: str, progres
         if cache.fingerprint == fingerprint:
             return cache
         _say(f"{out_path} was computed from another corpus or encoder: computing it again")
-    wavlm_cfg, t5_cfg, _ = checkpoints.load_model_config(base_dir)
-    model_cfg = model_cfg_lib.build_model_config(config.stage1.model, wavlm_cfg, t5_cfg)
+    model_cfg = checkpoints.model_config_for(config.stage1.model, base_dir)
     params = checkpoints.load_base_params(base_dir)["wavlm"]
     cache = build_cache(model_cfg, params, manifests, batch_size=16,
                         bucket_seconds=tuple(config.stage1.data.audio_buckets_seconds), progress=progress)
@@ -107,7 +117,7 @@ def run_curriculum_cached(config, base_dir: str, corpus_dir: str, cache, workdir
     from speechverse_jax.data.encoder_cache import CachedFeatureData
     from speechverse_jax.train.curriculum import make_data, run_curriculum
 
-    wavlm_cfg = checkpoints.load_model_config(base_dir)[0]
+    wavlm_cfg = checkpoints.load_base_config(base_dir)[1]
     with config.unlocked():
         config.base_checkpoint = base_dir
         for stage in config.order:
@@ -264,7 +274,8 @@ def run_demo(out_dir: str = "outputs/demo", profile: str = "full", progress: boo
                              robust_sizes=config.corpus.robust_sizes.to_dict())
     t = stamp("corpus", t)
     _say("2/5 backbones: " + ("pretraining them with the demo-backbones recipe" if config.backbones.pretrain
-                             else f"the shipped WavLM + T5 ({backbones_folder(config)})")
+                             else f"the shipped WavLM + {'T5' if config.layout == 't5' else 'decoder-only LM'} "
+                                  f"({backbones_folder(config)})")
          + ", converted with --verify")
     backbones = build_backbones(config, os.path.join(out_dir, "backbones"), progress=progress)
     base_dir = backbones["base_dir"]
@@ -290,10 +301,11 @@ def run_demo(out_dir: str = "outputs/demo", profile: str = "full", progress: boo
     examples = _examples(result["paths"]["predictions"])
     infer_cmd, infer_out = _infer_example(result["model"], final, corpus_dir)
     summary = {
-        "out_dir": out_dir, "profile": profile, "seconds": round(time.time() - t0, 1), "timings": timings,
+        "out_dir": out_dir, "profile": profile, "layout": str(config.layout), "seconds": round(time.time() - t0, 1),
+        "timings": timings,
         "corpus": {k: corpus.get(k) for k in ("counts", "total_audio_seconds", "vocabulary_size")},
-        "backbones": {k: backbones[k] for k in ("origin", "source", "manifest_sha256", "tokenizer_pieces",
-                                                 "max_rel_diff_vs_hf", "gates", "recipe")},
+        "backbones": {k: backbones.get(k) for k in ("origin", "source", "layout", "manifest_sha256",
+                                                     "tokenizer_pieces", "max_rel_diff_vs_hf", "gates", "recipe")},
         "stages": stages, "metrics": result["table"], "baselines": result["baselines"],
         "robustness": result["robust"],
         "examples": examples, "infer_example": {"command": infer_cmd, "output": infer_out},

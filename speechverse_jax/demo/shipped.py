@@ -6,12 +6,14 @@ A backbones folder (the packaged `PRETRAINED_DIR`, or the `release/` folder the 
     wavlm/config.json, wavlm/model.safetensors     HF `WavLMModel` layout (convert/export.py)
     t5/config.json, t5/model.safetensors,          HF `T5ForConditionalGeneration` layout, with the
     t5/spiece.model, t5/tokenizer_config.json ...  tokenizer `save_pretrained` writes
+    lm/config.json, lm/model.safetensors,          HF `LlamaForCausalLM` layout (the decoder-only
+    lm/tokenizer.json, lm/chat_template.jinja ...  LM, from release 4 on), with its own tokenizer
     MANIFEST.json                                  see `write_manifest`
 
     write_manifest(folder, recipe, profile, gates, held_out, wall_seconds) -> manifest   # the recipe, last
     verify_checksums(folder) -> manifest          # every file listed, present and unchanged
     check_corpus_compatible(manifest, corpus_seed)
-    convert_shipped(folder, out_base_dir) -> report   # `speechverse-jax convert --verify`, reused when unchanged
+    convert_shipped(folder, out_base_dir, layout) -> report   # `convert --verify`, reused when unchanged
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ FORMAT = 1
 # Files the demo cannot do without; the tokenizer may add more (all of them are checksummed).
 REQUIRED_FILES = ("wavlm/config.json", "wavlm/model.safetensors", "t5/config.json", "t5/model.safetensors",
                   "t5/spiece.model")
+# What the demo's decoder-only layout (`layout='decoder'`) needs besides the WavLM.
+LM_FILES = ("lm/config.json", "lm/model.safetensors", "lm/tokenizer.json")
+LAYOUT_LLM = {"t5": "t5", "decoder": "lm"}  # the release subfolder each demo layout converts
 MANIFEST_KEYS = ("format", "files", "recipe", "profile", "commit", "wall_seconds", "machine", "gates", "held_out")
 GATE_OPS = ("<=", ">=")
 CONVERTED_STAMP = ".source.json"  # beside the converted base: `<base>.source.json`
@@ -229,56 +234,72 @@ def manifest_sha256(folder: str) -> str:
 
 def recipe_summary(manifest: Mapping[str, Any], folder: str) -> Dict[str, Any]:
     """Provenance and sizes for a report: profile, commit, seed, time, machine, and the architectures
-    read from the HF configs."""
+    read from the HF configs (the LM's when the release has one)."""
     def config(name):
         with open(os.path.join(folder, name, "config.json"), encoding="utf-8") as f:
             return json.load(f)
 
     wavlm, t5 = config("wavlm"), config("t5")
-    return {
+    out = {
         "profile": manifest["profile"], "commit": manifest["commit"], "seed": manifest["recipe"].get("seed"),
         "wall_seconds": manifest["wall_seconds"], "machine": manifest["machine"],
         "held_out_seed": manifest["held_out"]["seed"],
         "wavlm": {k: wavlm.get(k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads")},
         "t5": {k: t5.get(k) for k in ("d_model", "num_layers", "num_decoder_layers", "num_heads", "vocab_size")},
     }
+    if os.path.isfile(os.path.join(folder, "lm", "config.json")):
+        lm = config("lm")
+        out["lm"] = {k: lm.get(k) for k in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                            "num_key_value_heads", "vocab_size")}
+    return out
 
 
-def convert_shipped(folder: str, out_base_dir: str, progress: bool = True) -> Dict[str, Any]:
-    """Checksums, then `speechverse-jax convert --verify` of `folder` into `out_base_dir`; a base already
-    converted from the same MANIFEST.json (its sha256 in `<out_base_dir>.source.json`) is reused.
+def convert_shipped(folder: str, out_base_dir: str, progress: bool = True, layout: str = "t5") -> Dict[str, Any]:
+    """Checksums, then `speechverse-jax convert --verify` of `folder` into `out_base_dir`: the WavLM
+    with the T5 (`layout` 't5') or with the decoder-only LM ('decoder'). A base already converted
+    from the same MANIFEST.json and layout (`<out_base_dir>.source.json`) is reused.
 
-    Returns the report: base_dir, source, manifest_sha256, tokenizer_pieces, max_rel_diff_vs_hf,
-    gates, recipe (recipe_summary), seconds, reused.
+    Returns the report: base_dir, source, layout, manifest_sha256, tokenizer_pieces,
+    max_rel_diff_vs_hf, gates, recipe (recipe_summary), seconds, reused.
     """
     from speechverse_jax.convert.pipeline import convert_checkpoints
+    from speechverse_jax.convert.pipeline_decoder import convert_decoder_checkpoints
     from speechverse_jax.data.tokenizer import load_tokenizer
 
+    if layout not in LAYOUT_LLM:
+        raise UserError(f"layout must be one of {sorted(LAYOUT_LLM)}, got {layout!r}")
     say = (lambda msg: print(f"[backbones] {msg}", flush=True)) if progress else (lambda msg: None)
     t0 = time.time()
     folder, out_base_dir = os.path.abspath(folder), os.path.abspath(out_base_dir)
     manifest = verify_checksums(folder)
+    if layout == "decoder":
+        absent = [f for f in LM_FILES if f not in manifest["files"]]
+        if absent:
+            raise UserError(f"{folder}: this release has no decoder-only LM ({absent[0]} is not in {MANIFEST}; "
+                            "releases before 4 have none): use the shipped release or make one with "
+                            "`speechverse-jax demo-backbones`")
     digest = manifest_sha256(folder)
     stamp = out_base_dir.rstrip("/") + CONVERTED_STAMP
     if os.path.isfile(os.path.join(out_base_dir, "model_config.json")) and os.path.isfile(stamp):
         with open(stamp, encoding="utf-8") as f:
             previous = json.load(f)
-        if previous.get("manifest_sha256") == digest:
+        if previous.get("manifest_sha256") == digest and previous.get("layout", "t5") == layout:
             say(f"reusing {out_base_dir} (converted from the same {MANIFEST})")
             return dict(previous, reused=True)
     if os.path.exists(stamp):
         os.remove(stamp)  # the base is about to change: never leave a stamp naming the old one
-    say(f"converting {folder} with --verify (checksums passed)")
-    result = convert_checkpoints(os.path.join(folder, "wavlm"), os.path.join(folder, "t5"), out_base_dir,
-                                 verify=True, overwrite=True)
+    llm_dir = os.path.join(folder, LAYOUT_LLM[layout])
+    say(f"converting {os.path.join(folder, 'wavlm')} + {llm_dir} with --verify (checksums passed)")
+    convert = convert_checkpoints if layout == "t5" else convert_decoder_checkpoints
+    result = convert(os.path.join(folder, "wavlm"), llm_dir, out_base_dir, verify=True, overwrite=True)
     checks = result["verify"]["results"]
     if not result["verify"]["passed"]:
         failed = [r for r in checks if not r.get("ok")]
         raise UserError(f"{folder}: conversion failed verification against HF PyTorch (tolerance "
                         f"{result['verify']['tolerance']}): {failed[:3]}; nothing written to {out_base_dir}")
     report = {
-        "base_dir": out_base_dir, "source": folder, "manifest_sha256": digest,
-        "tokenizer_pieces": len(load_tokenizer(os.path.join(folder, "t5"))),
+        "base_dir": out_base_dir, "source": folder, "layout": layout, "manifest_sha256": digest,
+        "tokenizer_pieces": len(load_tokenizer(llm_dir)),
         "max_rel_diff_vs_hf": max(r["max_rel"] for r in checks),
         "verify_tolerance": result["verify"]["tolerance"],
         "gates": manifest["gates"], "recipe": recipe_summary(manifest, folder),

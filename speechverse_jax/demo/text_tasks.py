@@ -79,6 +79,13 @@ class TextTasks:
         return tasks.build_instruction(task, row, int(rng.integers(1 << 16)), joint=joint)
 
     def one(self, kind: str, rng: np.random.Generator) -> Tuple[str, str]:
+        """One (input, target) pair of `kind`: the input is `<what is said> <instruction>`."""
+        said, instruction, target = self.parts(kind, rng)
+        return f"{said} {instruction}", target
+
+    def parts(self, kind: str, rng: np.random.Generator) -> Tuple[str, str, str]:
+        """One example of `kind` as (what is said, instruction, target): the decoder-only LM puts
+        what is said where the audio goes in its chat prompt."""
         from speechverse_jax.data import tasks
 
         if kind in ("copy", "copy_random", "copy_shuffled", "copy_stretched"):
@@ -95,16 +102,16 @@ class TextTasks:
             said = text
             if kind == "copy_stretched":  # each word 1-4 times, as audio frames stretch a word
                 said = " ".join(" ".join([w] * int(rng.integers(1, 5))) for w in text.split())
-            return f"{said} {self._instruction('asr', {}, rng)}", text
+            return said, self._instruction("asr", {}, rng), text
         if kind in ("ic", "sf") or (kind == "joint" and rng.random() < 0.5):
             s = self._pick(self._pick(self.by_intent, rng), rng)
             if kind == "sf":
-                return f"{s.text} {self._instruction('sf', {}, rng)}", tasks.format_slots(s.slots)
+                return s.text, self._instruction("sf", {}, rng), tasks.format_slots(s.slots)
             row = {"labels": self.ic_labels}
             if kind == "joint":
-                return (f"{s.text} {self._instruction('ic', row, rng, joint=True)}",
+                return (s.text, self._instruction("ic", row, rng, joint=True),
                         tasks.format_joint_target("ic", s.text, s.intent))
-            return f"{s.text} {self._instruction('ic', row, rng)}", s.intent
+            return s.text, self._instruction("ic", row, rng), s.intent
         if kind == "kws_random":  # keyword spotting in a word salad: the answer is in the input alone
             text = self._word_salad(rng)
             present = text.split()
@@ -112,20 +119,20 @@ class TextTasks:
                 keyword, answer = self._pick(present, rng), "yes"
             else:
                 keyword, answer = self._pick([w for w in self.kws_vocab if w not in present], rng), "no"
-            return f"{text} {self._instruction('kws', {'keyword': keyword}, rng)}", answer
+            return text, self._instruction("kws", {"keyword": keyword}, rng), answer
         if kind in ("kws", "kwe", "joint"):
             s = self._pick(self.asr, rng)
             if kind == "kws":
                 keyword, answer = self._kws_pick(s.text, self.kws_vocab, bool(rng.random() < 0.5), rng)
-                return f"{s.text} {self._instruction('kws', {'keyword': keyword}, rng)}", answer
+                return s.text, self._instruction("kws", {"keyword": keyword}, rng), answer
             keywords = tasks.format_keywords(s.keywords)
             if kind == "joint":
-                return (f"{s.text} {self._instruction('kwe', {}, rng, joint=True)}",
+                return (s.text, self._instruction("kwe", {}, rng, joint=True),
                         tasks.format_joint_target("kwe", s.text, keywords))
-            return f"{s.text} {self._instruction('kwe', {}, rng)}", keywords
+            return s.text, self._instruction("kwe", {}, rng), keywords
         if kind == "open":
             s = self._pick(self.open, rng)
-            return f"{s.text} {self._instruction('open', {}, rng)}", s.answer
+            return s.text, self._instruction("open", {}, rng), s.answer
         raise ValueError(f"TextTasks: unknown kind {kind!r}")
 
     def _word_salad(self, rng: np.random.Generator) -> str:
@@ -136,9 +143,13 @@ class TextTasks:
                 return text
 
     def sample(self, rng: np.random.Generator, n: int) -> List[Tuple[str, str]]:
-        """`n` pairs of one kind, drawn by `weights`: one kind per batch keeps the padding short
-        (a copy batch is about 32 tokens long, an IC batch with its label list about 100)."""
+        """`n` (input, target) pairs of one kind, drawn by `weights`: one kind per batch keeps the
+        padding short (a copy batch is about 32 tokens long, an IC batch with its label list about 100)."""
+        return [(f"{said} {instruction}", target) for said, instruction, target in self.sample_parts(rng, n)]
+
+    def sample_parts(self, rng: np.random.Generator, n: int) -> List[Tuple[str, str, str]]:
+        """`n` (what is said, instruction, target) triples of one kind; the same draws as `sample`."""
         kinds = sorted(self.weights)
         p = np.asarray([self.weights[k] for k in kinds], float)
         kind = kinds[int(rng.choice(len(kinds), p=p / p.sum()))]
-        return [self.one(kind, rng) for _ in range(n)]
+        return [self.parts(kind, rng) for _ in range(n)]
