@@ -18,7 +18,7 @@ from speechverse_jax.models import scan_layout
 from speechverse_jax.train.loop import build_setup, train
 from speechverse_jax.train.step import make_train_step
 
-from test_train import tiny_config, tiny_data
+from test_train import SCHEDULE_STEPS, tiny_config, tiny_data
 
 
 def _flat(tree):
@@ -65,7 +65,8 @@ def test_base_checkpoint_loads_into_the_scanned_layout_and_lora_rules_find_stack
 
 def test_runs_continue_across_layouts_and_resume_fails_clearly(tiny_base, tmp_path):
     run = str(tmp_path / "unrolled")
-    out = train(tiny_config(tiny_base, steps=2, checkpoint_every=2), run, tiny_data(), progress=False)
+    out = train(tiny_config(tiny_base, steps=2, schedule_steps=SCHEDULE_STEPS, checkpoint_every=2), run, tiny_data(),
+                progress=False)
     trained = _flat(out["state"].params)
     scanned = tiny_config(tiny_base, steps=1, init_from=run)
     scanned.model.scan_layers = True
