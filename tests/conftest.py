@@ -25,6 +25,8 @@ except ImportError:  # pragma: no cover
 
 import pytest  # noqa: E402
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 TINY_TEXTS = [
     "turn on the radio now",
     "what is the time in paris",
@@ -84,3 +86,70 @@ def fake_release(tmp_path_factory):
 def make_fake_release():
     """`write_fake_release(folder, texts, ...)` for tests that need a release of their own."""
     return write_fake_release
+
+
+# -- CLI curriculum runs on tiny manifests (test_cli_train, test_decoder_train, test_faults) --------
+ASR_STEPS = 3  # asr_manifest: 12 clips, batches of 4: one epoch per stage
+
+
+@pytest.fixture(scope="session")
+def asr_manifest(tmp_path_factory):
+    """12 clips of noise (0.3-0.9 s) with ASR targets, ids u0..u11 (manifest path)."""
+    import numpy as np
+    import soundfile as sf
+
+    from speechverse_jax.data.manifest import write_manifest
+
+    texts = ["turn on the radio now", "what is the time in paris", "set an alarm for seven",
+             "play some jazz music please"]
+    root = tmp_path_factory.mktemp("asr")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(12):
+        sf.write(str(root / f"{i}.wav"), (rng.standard_normal(int(rng.uniform(0.3, 0.9) * 16000)) * 0.1)
+                 .astype(np.float32), 16000)
+        rows.append({"audio": f"{i}.wav", "task": "asr", "target": texts[i % 4], "id": f"u{i}"})
+    write_manifest(str(root / "train.jsonl"), rows)
+    return str(root / "train.jsonl")
+
+
+# 1 s clips, batches of 4, short buckets: what every stage of those runs shares.
+SMALL_STAGE = ("train.log_every=1", "train.tensorboard=False", "data.batch_size=4", "data.audio_buckets_seconds=(1.0,)",
+               "data.max_audio_seconds=1.0", "data.instruction_buckets=(64,128,256)", "data.target_buckets=(32,)",
+               "data.max_target_tokens=32", "optim.warmup_steps=1", "optim.lr=0.01", "model.lora.rank=4")
+FLOAT32 = ("model.dtype=float32", "model.frozen_param_dtype=float32")
+
+
+def stage_flags(prefix="", steps=2, eval_every=2, checkpoint_every=2, extra=()):
+    """`--config.<prefix>field=value` flags of one small training stage (`prefix` '' for `train`,
+    'stage1.' and so on for a stage of `curriculum`)."""
+    fields = (f"train.max_steps={steps}", f"train.eval_every={eval_every}",
+              f"train.checkpoint_every={checkpoint_every}", *SMALL_STAGE, *extra)
+    return [f"--config.{prefix}{f}" for f in fields]
+
+
+def curriculum_argv(base, manifest, workdir, stages=("stage1", "stage2_warmup", "stage2_multitask"), config=None,
+                    **flags):
+    """`speechverse-jax curriculum` arguments: `config` (default configs/curriculum.py) on `base`, one
+    manifest to train and validate on, `stage_flags(**flags)` for every stage; stage 1 without LoRA."""
+    argv = ["curriculum", "--config", config or os.path.join(REPO, "configs", "curriculum.py"), "--workdir", workdir,
+            f"--config.base_checkpoint={base}", f"--config.data.train_manifests={manifest}",
+            f"--config.data.eval_manifests={manifest}"]
+    for stage in stages:
+        argv += stage_flags(f"{stage}.", **flags)
+    return argv + ["--config.stage1.model.lora.rank=0"]
+
+
+def check_stages_done(workdir, stages=("stage1", "stage2_warmup", "stage2_multitask"), steps=2):
+    """Every stage of a curriculum run finished: its DONE.json says `steps` steps and a finite best
+    validation loss. -> {stage: DONE.json}."""
+    import json
+
+    import numpy as np
+
+    done = {}
+    for stage in stages:
+        with open(os.path.join(workdir, stage, "DONE.json")) as f:
+            done[stage] = json.load(f)
+        assert done[stage]["steps"] == steps and np.isfinite(done[stage]["best_val_loss"]), (stage, done[stage])
+    return done

@@ -1,6 +1,6 @@
 """Run by test_sharding.py in a fresh process with 8 forced CPU devices.
 
-Trains 3 steps of the tiny model on several meshes and prints a JSON line per mesh with the
+Trains 3 steps of the tiny model on two meshes (pure data parallel; data x fsdp x tensor) and prints a JSON line per mesh with the
 loss history and the final trainable params' checksums relative to the 1-device run.
 """
 
@@ -40,7 +40,7 @@ def main():
     base, root = sys.argv[1], sys.argv[2]
     assert len(jax.devices()) == 8, jax.devices()
     ref_losses, ref_params, _ = run(base, os.path.join(root, "m111"), (1, 1, 1))
-    for shape in [(8, 1, 1), (2, 2, 2), (1, 4, 2)]:
+    for shape in [(8, 1, 1), (2, 2, 2)]:  # (1, 4, 2) took the (2, 2, 2) code paths again
         losses, params, shardings = run(base, os.path.join(root, "m" + "".join(map(str, shape))), shape)
         loss_rel = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses))
         # per leaf: max |diff| / max |ref| (element-wise worst case) and ||diff|| / ||ref|| (relative L2)

@@ -157,7 +157,9 @@ def test_remat_per_llm_layer_gives_the_same_gradients():
     batch["hidden_states"], batch["frame_mask"] = cached_states(model_cfg("gemma2"), seed=1)  # no WavLM to compile
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     results = {}
-    for remat in ("none", "full", "dots_saveable"):
+    # one policy: every policy goes through the same wrapper (models/layers.py `remat`), and
+    # tests/test_scan_layers.py checks 'full' and 'dots_saveable' on the T5 layout
+    for remat in ("none", "dots_saveable"):
         cfg = model_cfg("gemma2", remat=remat)
         assert cfg.remat == remat
         model = SpeechVerseDecoder(cfg)
@@ -173,12 +175,11 @@ def test_remat_per_llm_layer_gives_the_same_gradients():
         results[remat] = (float(metrics["loss"]), tree.flatten(grads))
     loss, grads = results["none"]
     assert any("/lora_a" in k and np.abs(g).max() > 0 for k, g in grads.items())
-    for remat in ("full", "dots_saveable"):
-        other_loss, other = results[remat]
-        assert set(other) == set(grads)  # remat keeps the params' paths
-        assert abs(other_loss - loss) <= 1e-6 * abs(loss)
-        for k in grads:
-            np.testing.assert_allclose(other[k], grads[k], rtol=1e-5, atol=1e-7, err_msg=f"{remat} {k}")
+    other_loss, other = results["dots_saveable"]
+    assert set(other) == set(grads)  # remat keeps the params' paths
+    assert abs(other_loss - loss) <= 1e-6 * abs(loss)
+    for k in grads:
+        np.testing.assert_allclose(other[k], grads[k], rtol=1e-5, atol=1e-7, err_msg=f"dots_saveable {k}")
 
 
 FLOPS_LLM = dict(model_type="llama", vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
@@ -189,7 +190,9 @@ FLOPS_WAVLM = WavLMConfig(hidden_size=128, num_hidden_layers=2, num_attention_he
                           num_conv_pos_embedding_groups=4, feat_extract_norm="layer", do_stable_layer_norm=True)
 
 
-@pytest.mark.parametrize("combination,lora_rank", [("weighted", 4), ("last", 0)])
+# ("weighted", 4) is test_compile_only_on_cpu_reports_decoder_flops's model (XLA's count against the
+# analytic one, LoRA terms included): here the other combination, without LoRA, at a larger width
+@pytest.mark.parametrize("combination,lora_rank", [("last", 0)])
 def test_analytic_decoder_flops_agree_with_xla(combination, lora_rank):
     """As tests/test_flops.py for T5: XLA also counts the element-wise work, so it is a little above
     the matmul count; a missing or doubled term (the LM head over every position, say) would not be."""
@@ -303,7 +306,8 @@ def test_compile_only_on_cpu_reports_decoder_flops():
     # unrolled, one micro-batch: XLA counts every matmul once, as the analytic count does
     total_xla = report["xla_flops_per_device"] * report["devices"]
     assert 1.0 <= total_xla / report["analytic_flops"]["total"] <= 1.3, (total_xla, report["analytic_flops"])
-    assert report["analytic_flops"]["llm_forward"] > 0
+    assert report["analytic_flops"]["llm_forward"] > 0 and report["analytic_flops"]["lora"] > 0
+    assert cfg.layer_combination == "weighted" and cfg.lora.rank == 4
     trainable, _ = params_for(cfg)
     assert report["params"]["trainable"] == tree.count(trainable)
     assert report["xla_memory_per_device"]["temporaries"] > 0

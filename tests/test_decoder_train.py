@@ -12,6 +12,7 @@ import soundfile as sf
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from conftest import check_stages_done, curriculum_argv  # noqa: E402
 from speechverse_jax import checkpoints, hf_tiny, tree  # noqa: E402
 from speechverse_jax.cli import main  # noqa: E402
 from speechverse_jax.configs import common  # noqa: E402
@@ -21,7 +22,6 @@ from speechverse_jax.errors import CheckpointMismatchError  # noqa: E402
 from speechverse_jax.train import curriculum  # noqa: E402
 from speechverse_jax.train.loop import build_setup, train  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXTS = ["turn on the radio now", "what is the time in paris", "set an alarm for seven", "play some jazz music please"]
 VOCAB = 192
 
@@ -182,27 +182,11 @@ def test_a_checkpoint_of_one_layout_is_refused_as_the_other(bases, tiny_base, ma
         build_setup(t5_stage, log_fn=lambda *a: None)
 
 
-def _cli_common(prefix, steps):
-    return [f"--config.{prefix}{k}" for k in (
-        f"train.max_steps={steps}", "train.eval_every=2", "train.log_every=1", "train.checkpoint_every=2",
-        "train.tensorboard=False", "data.batch_size=4", "data.audio_buckets_seconds=(1.0,)",
-        "data.max_audio_seconds=1.0", "data.instruction_buckets=(64,128,256)", "data.target_buckets=(32,)",
-        "data.max_target_tokens=32", "optim.warmup_steps=1", "optim.lr=0.01", "model.lora.rank=4")]
-
-
 def test_curriculum_then_eval_and_infer_on_the_decoder_layout(bases, manifests, tmp_path, capsys):
     base, manifest = bases["qwen2"], manifests["mixed"]
     workdir = str(tmp_path / "run")
-    argv = ["curriculum", "--config", os.path.join(REPO, "configs", "curriculum.py"), "--workdir", workdir,
-            f"--config.base_checkpoint={base}", f"--config.data.train_manifests={manifest}",
-            f"--config.data.eval_manifests={manifest}"]
-    for stage in ("stage1", "stage2_warmup", "stage2_multitask"):
-        argv += _cli_common(f"{stage}.", 2)
-    argv.append("--config.stage1.model.lora.rank=0")
-    assert main(argv) == 0
-    for stage in ("stage1", "stage2_warmup", "stage2_multitask"):
-        done = json.load(open(os.path.join(workdir, stage, "DONE.json")))
-        assert done["steps"] == 2 and np.isfinite(done["best_val_loss"])
+    assert main(curriculum_argv(base, manifest, workdir)) == 0
+    check_stages_done(workdir)
     run = os.path.join(workdir, "stage2_multitask")
 
     out = str(tmp_path / "eval")

@@ -21,47 +21,20 @@ import time
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-import soundfile as sf
 
-from speechverse_jax.data.manifest import write_manifest
+from conftest import ASR_STEPS, FLOAT32, check_stages_done, curriculum_argv
 from speechverse_jax.train import checkpoint as ckpt_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-TEXTS = ["turn on the radio now", "what is the time in paris", "set an alarm for seven", "play some jazz music please"]
 STAGES = ("stage1", "stage2_warmup")
-STEPS = 3  # 12 examples, batch 4: one epoch per stage
-
-
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(12):
-        sf.write(str(root / f"{i}.wav"), (rng.standard_normal(int(rng.uniform(0.3, 0.9) * 16000)) * 0.1)
-                 .astype(np.float32), 16000)
-        rows.append({"audio": f"{i}.wav", "task": "asr", "target": TEXTS[i % 4], "id": f"u{i}"})
-    write_manifest(str(root / "train.jsonl"), rows)
-    return str(root / "train.jsonl")
-
-
-def _stage_flags(prefix):
-    return [f"--config.{prefix}{k}" for k in (
-        f"train.max_steps={STEPS}", f"train.eval_every={STEPS}", "train.log_every=1", "train.checkpoint_every=1",
-        "train.keep_checkpoints=2", "train.tensorboard=False", "data.batch_size=4", "data.audio_buckets_seconds=(1.0,)",
-        "data.max_audio_seconds=1.0", "data.instruction_buckets=(64,128,256)", "data.target_buckets=(32,)",
-        "data.max_target_tokens=32", "model.dtype=float32", "model.frozen_param_dtype=float32",
-        "optim.warmup_steps=1", "optim.lr=0.01", "model.lora.rank=4")]
+STEPS = ASR_STEPS  # one epoch per stage (12 examples, batch 4)
 
 
 def _curriculum_argv(base, manifest, workdir):
-    argv = ["curriculum", "--config", os.path.join(HERE, "fault_curriculum_config.py"), "--workdir", workdir,
-            f"--config.base_checkpoint={base}", f"--config.data.train_manifests={manifest}",
-            f"--config.data.eval_manifests={manifest}"]
-    for stage in STAGES:
-        argv += _stage_flags(f"{stage}.")
-    return argv + ["--config.stage1.model.lora.rank=0"]
+    return curriculum_argv(base, manifest, workdir, STAGES, os.path.join(HERE, "fault_curriculum_config.py"),
+                           steps=STEPS, eval_every=STEPS, checkpoint_every=1,
+                           extra=("train.keep_checkpoints=2",) + FLOAT32)
 
 
 def _env(**extra):
@@ -132,13 +105,13 @@ def _trajectory(fault_dir):
     return {s: [l["ids"] for l in seq] for s, seq in out.items()}
 
 
-def test_kill_9_anywhere_then_resume_equals_an_uninterrupted_run(tiny_base, manifest, tmp_path):
+def test_kill_9_anywhere_then_resume_equals_an_uninterrupted_run(tiny_base, asr_manifest, tmp_path):
     straight_dir, straight_faults = str(tmp_path / "straight"), str(tmp_path / "straight_probes")
-    res = subprocess.run(_worker(straight_faults, _curriculum_argv(tiny_base, manifest, straight_dir)),
+    res = subprocess.run(_worker(straight_faults, _curriculum_argv(tiny_base, asr_manifest, straight_dir)),
                          env=_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     workdir, faults = str(tmp_path / "killed"), str(tmp_path / "killed_probes")
-    cmd = _worker(faults, _curriculum_argv(tiny_base, manifest, workdir))
+    cmd = _worker(faults, _curriculum_argv(tiny_base, asr_manifest, workdir))
     env = _env(SVJ_FAULT_FINALIZE_DELAY="0.4")
     rng = random.Random(19)
     plan = [  # (event to wait for, seconds after it): the kill lands ...
@@ -157,9 +130,8 @@ def test_kill_9_anywhere_then_resume_equals_an_uninterrupted_run(tiny_base, mani
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
     assert kills == len(plan) and mid_save == 2
     straight_ids, ids = _trajectory(straight_faults), _trajectory(faults)
+    check_stages_done(workdir, STAGES, STEPS)
     for stage in STAGES:
-        done = json.load(open(os.path.join(workdir, stage, "DONE.json")))
-        assert done["steps"] == STEPS
         s_step, a = _final_state(os.path.join(straight_dir, stage))
         k_step, b = _final_state(os.path.join(workdir, stage))
         assert s_step == k_step == STEPS and a.keys() == b.keys()
@@ -172,9 +144,12 @@ def test_kill_9_anywhere_then_resume_equals_an_uninterrupted_run(tiny_base, mani
 
 # -- damaged checkpoints and a full disk (in-process, synthetic data) ------------------------------
 def _tiny(base, steps, **train):
-    from test_train import tiny_config
+    """`steps` steps of one learning-rate schedule: a run stopped early is a prefix of the uninterrupted
+    run, and every run here shares one compiled train step."""
+    from test_train import SCHEDULE_STEPS, tiny_config
 
-    return tiny_config(base, steps=steps, checkpoint_every=1, keep_checkpoints=3, **train)
+    return tiny_config(base, steps=steps, schedule_steps=SCHEDULE_STEPS, checkpoint_every=1, keep_checkpoints=3,
+                       **train)
 
 
 def _tiny_data():

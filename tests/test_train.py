@@ -14,9 +14,18 @@ from speechverse_jax.data.synthetic import SyntheticData
 from speechverse_jax.train.loop import NonFiniteError, build_setup, train
 
 
-def tiny_config(base, stage=2, steps=3, **train_overrides):
+# The learning-rate schedule's length is a constant of the compiled train step: runs of one tiny
+# config with the same schedule share one compilation (cached across tests), whatever their max_steps.
+SCHEDULE_STEPS = 4
+
+
+def tiny_config(base, stage=2, steps=3, schedule_steps=None, **train_overrides):
+    """`steps` train steps of the tiny model on `base`; `schedule_steps` (default `steps`) is the
+    length of the learning-rate schedule (a shorter run follows a prefix of it)."""
     config = train_cfg_lib.train_config(max_steps=steps, lr=1e-2, warmup_steps=1,
                                      rules=train_cfg_lib.RULES_STAGE2 if stage == 2 else train_cfg_lib.RULES_STAGE1)
+    if schedule_steps:
+        config.optim.total_steps = schedule_steps
     config.base_checkpoint = base
     config.model = model_cfg_lib.model_config(layer_combination="weighted", lora_rank=4 if stage == 2 else 0)
     config.model.lora.dropout = 0.0
@@ -38,7 +47,7 @@ def _flat(tree):
 
 
 def test_only_trainable_params_change_and_moments_cover_them_only(tiny_base, tmp_path):
-    config = tiny_config(tiny_base, steps=3)
+    config = tiny_config(tiny_base, steps=3, schedule_steps=SCHEDULE_STEPS)
     out = train(config, str(tmp_path / "run"), tiny_data(), progress=False)
     state, setup = out["state"], out["setup"]
     base = _flat(base_ckpt.load_base_params(tiny_base))
@@ -94,7 +103,7 @@ class PoisonedData(SyntheticData):
 
 
 def test_non_finite_step_is_skipped_and_counted(tiny_base, tmp_path):
-    config = tiny_config(tiny_base, steps=3)
+    config = tiny_config(tiny_base, steps=3, schedule_steps=SCHEDULE_STEPS)
     data = PoisonedData(bad={1}, batch_size=4, samples=4000, instruction_len=6, target_len=5, vocab_size=40,
                         task_names=["asr", "ic"])
     out = train(config, str(tmp_path / "run"), data, progress=False)
@@ -103,8 +112,9 @@ def test_non_finite_step_is_skipped_and_counted(tiny_base, tmp_path):
     assert [r["skipped_steps"] for r in rows] == [0, 1, 1]
     assert all(np.isfinite(v) for k, v in _flat(out["state"].params).items() for v in [v.sum()])
 
-    config = tiny_config(tiny_base, steps=5, max_consecutive_skips=1)
-    data = PoisonedData(bad={0, 1, 2}, batch_size=4, samples=4000, instruction_len=6, target_len=5, vocab_size=40)
+    config = tiny_config(tiny_base, steps=4, schedule_steps=SCHEDULE_STEPS, max_consecutive_skips=1)
+    data = PoisonedData(bad={0, 1, 2}, batch_size=4, samples=4000, instruction_len=6, target_len=5, vocab_size=40,
+                        task_names=["asr", "ic"])
     with pytest.raises(NonFiniteError, match="in a row"):
         train(config, str(tmp_path / "run2"), data, progress=False)
 
@@ -117,7 +127,7 @@ def eval_json(line):
 
 def test_resume_is_bitwise_identical(tiny_base, tmp_path):
     straight = train(tiny_config(tiny_base, steps=4), str(tmp_path / "a"), tiny_data(), progress=False)
-    first = tiny_config(tiny_base, steps=2, checkpoint_every=2)
+    first = tiny_config(tiny_base, steps=2, schedule_steps=SCHEDULE_STEPS, checkpoint_every=2)  # its first half
     train(first, str(tmp_path / "b"), tiny_data(), progress=False)
     resumed = train(tiny_config(tiny_base, steps=4), str(tmp_path / "b"), tiny_data(), progress=False)
     assert int(resumed["state"].step) == 4

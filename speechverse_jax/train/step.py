@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from speechverse_jax.models.composed import layout_of
 from speechverse_jax.models.speechverse import SpeechVerse, token_cross_entropy
 from speechverse_jax.models.speechverse_decoder import SpeechVerseDecoder
 from speechverse_jax.models.t5 import shift_right
@@ -55,7 +56,7 @@ def _forward(model, params: Any, batch: Batch, deterministic: bool, rng=None):
     cached = "hidden_states" in batch  # [b, L+1, frames, dim], cached frozen-encoder outputs
     audio = ((tuple(jnp.moveaxis(batch["hidden_states"], 1, 0)), batch["frame_mask"]) if cached
              else (batch["audio"], batch["audio_mask"]))
-    if isinstance(model, SpeechVerseDecoder):
+    if layout_of(model.cfg) == "decoder":
         return model.apply({"params": params}, *audio, batch["prefix_ids"], batch["prefix_mask"],
                            batch["instruction_ids"], batch["instruction_mask"], batch["target_ids"],
                            batch["target_mask"], False, deterministic, rngs=rngs,
