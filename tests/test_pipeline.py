@@ -343,3 +343,13 @@ def test_worker_processes_give_the_same_batches(corpus, encoder):
     it.close()
     assert all(_same(x, y) for x, y in zip(serial, pooled))
 
+
+
+def test_bucket_lengths_bound_padding_and_shapes():
+    from speechverse_jax.data.batching import bucket_length, pad_rows
+
+    sizes = [bucket_length(n, 8) for n in range(1, 2001)]
+    assert all(n <= s < max(1.5 * n, 8) + 8 for n, s in zip(range(1, 2001), sizes))  # at most 50% padding
+    assert all(s % 8 == 0 for s in sizes) and len(set(sizes)) == 16  # 8, 16, 24, 32, 48, ..., 2048
+    x, mask = pad_rows([np.ones(100), np.ones(7)], 8, np.float32, bucket=True)
+    assert x.shape == (2, 128) and mask.sum() == 107 and x[0, 100:].sum() == 0

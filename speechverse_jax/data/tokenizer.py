@@ -98,16 +98,18 @@ class TextEncoder:
             out.append(parts)
         return out
 
-    def encode_prompts_padded(self, instructions: Sequence[str], multiple: int = 1) -> Dict[str, np.ndarray]:
+    def encode_prompts_padded(self, instructions: Sequence[str], multiple: int = 1,
+                              bucket: bool = False) -> Dict[str, np.ndarray]:
         """The prompt arrays a model takes: `instruction_ids` / `instruction_mask` (T5: the
         instruction; decoder: the prompt after the audio) and, for the decoder layout, `prefix_ids` /
-        `prefix_mask` (the prompt before the audio)."""
+        `prefix_mask` (the prompt before the audio). Lengths are multiples of `multiple`, or with
+        `bucket` `batching.bucket_length`'s sizes (fewer shapes to compile)."""
         parts = self.encode_prompts(instructions)
-        ids, mask = pad_rows([np.asarray(s, np.int32) for _, s in parts], multiple, np.int32)
+        ids, mask = pad_rows([np.asarray(s, np.int32) for _, s in parts], multiple, np.int32, bucket)
         out = {"instruction_ids": ids, "instruction_mask": mask}
         if self.layout == "decoder":
             out["prefix_ids"], out["prefix_mask"] = pad_rows([np.asarray(p, np.int32) for p, _ in parts], multiple,
-                                                             np.int32)
+                                                             np.int32, bucket)
         return out
 
     def encode_without_eos(self, text: str) -> List[int]:

@@ -356,10 +356,11 @@ def _run_batch(model, task, t, setting, chunk, idx, gen, cache, constraints, con
         if key not in constraints:
             constraints[key] = constraint_for_task(task, model.tokenizer, labels=list(_label_key(labels)))
         constraint = constraints[key]
-    prompt = model.text.encode_prompts_padded(instructions, 16)  # (+ prefix_* in the decoder-only layout)
+    # lengths padded to bucket sizes: tasks and batches share compiled programs
+    prompt = model.text.encode_prompts_padded(instructions, 16, bucket=True)  # (+ prefix_* in the decoder layout)
     if cache is not None:
         states = [cache.states[ex.id].transpose(1, 0, 2) for ex in chunk]  # [frames, L+1, dim]
-        x, mask = pad_rows(states, 8, np.float32)
+        x, mask = pad_rows(states, 8, np.float32, bucket=True)
         inputs, from_states = (x.transpose(0, 2, 1, 3), mask), True
     else:
         inputs, from_states = pad_rows(clips, SAMPLE_RATE, np.float32), False
