@@ -2,6 +2,7 @@
 
     python bench/train_step.py                                 # tiny, small, medium
     python bench/train_step.py --sizes small --steps 6
+    python bench/train_step.py --layout decoder --sizes tiny   # decoder-only LLM (HF Llama + peft)
 
 Per size, two worker processes (one per side, so peak memory does not mix) are built from the
 same random HF backbones (`hf_tiny`) and the same trainable init (ours, copied into torch): frozen
@@ -32,6 +33,13 @@ Dropout is off on both sides (needed for parity; the speed of a dropout mask is 
    RSS after setup; for ours also XLA's planned temp buffer size of the step.
 
 Prints a table; writes bench/results/train_step.json with the machine description.
+
+`--layout decoder` (`--family llama` default, or `qwen2`) does all of the above for the
+decoder-only layout (`models/speechverse_decoder.py`): the LLM is a random HF `LlamaForCausalLM` /
+`Qwen2ForCausalLM` (`hf_tiny.save_decoder_lm`, sizes in `DECODER_SIZES`) with peft LoRA on q_proj,
+v_proj; the torch side packs `[prefix | audio | instruction | answer]` as ours (right padding,
+position ids from the mask) and puts the LM head and the loss on the answer positions only
+(bench/torch_reference.py `TorchSpeechVerseDecoder`). Results: bench/results/train_step_decoder.json.
 """
 
 from __future__ import annotations
