@@ -131,9 +131,19 @@ def test_two_train_steps_match_torch(sides):
     _two_steps(*sides)
 
 
-def test_qwen2_two_train_steps_match_torch(tmp_path_factory):
-    """Qwen2: q/k/v biases, tied embeddings, its RoPE."""
-    _two_steps(*_sides(tmp_path_factory, "qwen2"))
+def test_qwen2_loss_and_grads_match_torch(tmp_path_factory):
+    """Qwen2 (q/k/v biases, tied embeddings, its RoPE): loss and gradients (the step is the Llama test's)."""
+    import jax.numpy as jnp
+    import torch_reference as ref
+
+    ours, theirs, batch = _sides(tmp_path_factory, "qwen2")
+    loss, grads = ours.grads({k: jnp.asarray(v) for k, v in batch.items()})
+    theirs.zero_grad(set_to_none=True)
+    t_loss = ref.loss_fn(theirs, ref.torch_batch(batch))
+    t_loss.backward()
+    np.testing.assert_allclose(loss, float(t_loss.detach()), rtol=LOSS_RTOL)
+    cmp = bench.compare_trees(grads, ref.to_ours(theirs, grads=True))
+    assert cmp["max_rel"] < GRAD_RTOL, cmp
 
 
 def test_the_comparison_can_fail(sides):
