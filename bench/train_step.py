@@ -2,6 +2,7 @@
 
     python bench/train_step.py                                 # tiny, small, medium
     python bench/train_step.py --sizes small --steps 6
+    python bench/train_step.py --layout decoder --sizes tiny   # decoder-only LLM (HF Llama + peft)
 
 Per size, two worker processes (one per side, so peak memory does not mix) are built from the
 same random HF backbones (`hf_tiny`) and the same trainable init (ours, copied into torch): frozen
@@ -32,6 +33,13 @@ Dropout is off on both sides (needed for parity; the speed of a dropout mask is 
    RSS after setup; for ours also XLA's planned temp buffer size of the step.
 
 Prints a table; writes bench/results/train_step.json with the machine description.
+
+`--layout decoder` (`--family llama` default, or `qwen2`) does all of the above for the
+decoder-only layout (`models/speechverse_decoder.py`): the LLM is a random HF `LlamaForCausalLM` /
+`Qwen2ForCausalLM` (`hf_tiny.save_decoder_lm`, sizes in `DECODER_SIZES`) with peft LoRA on q_proj,
+v_proj; the torch side packs `[prefix | audio | instruction | answer]` as ours (right padding,
+position ids from the mask) and puts the LM head and the loss on the answer positions only
+(bench/torch_reference.py `TorchSpeechVerseDecoder`). Results: bench/results/train_step_decoder.json.
 """
 
 from __future__ import annotations
@@ -80,11 +88,47 @@ SIZES: Dict[str, Dict[str, Any]] = {
         layer_combination="weighted", lora=(16, 32.0),
         batch=8, seconds=4.0, instruction_len=16, target_len=32),
 }
+# The decoder-only layout (`--layout decoder`): the same WavLM per size; the LLM is a random HF
+# Llama (or `--family qwen2`) causal LM, with hf_tiny's family settings (GQA, the family's RoPE),
+# scaled to the T5 size's width. The prompt is `[prefix (prefix_len) | audio | instruction | answer]`.
+DECODER_SIZES: Dict[str, Dict[str, Any]] = {
+    "tiny": dict(  # the T5 tiny's WavLM, layer combination and LoRA; an LLM as wide as its T5
+        from_demo=True, llm=dict(vocab_size=1000, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=48,
+                                 max_position_embeddings=512),
+        batch=16, seconds=4.0, prefix_len=4, instruction_len=16, target_len=32),
+    "small": dict(
+        wavlm=SIZES["small"]["wavlm"],
+        llm=dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+                 num_attention_heads=8, num_key_value_heads=4, head_dim=64, max_position_embeddings=512),
+        layer_combination="weighted", lora=(16, 32.0),
+        batch=8, seconds=4.0, prefix_len=4, instruction_len=16, target_len=32),
+    "medium": dict(
+        wavlm=SIZES["medium"]["wavlm"],
+        llm=dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=6,
+                 num_attention_heads=12, num_key_value_heads=4, head_dim=64, max_position_embeddings=512),
+        layer_combination="weighted", lora=(16, 32.0),
+        batch=8, seconds=4.0, prefix_len=4, instruction_len=16, target_len=32),
+}
+LLM_FAMILIES = ("llama", "qwen2")  # what bench/torch_reference.py's decoder side covers
 LR = 1e-3  # the paper's peak; constant (no warm-up) so both sides apply the same first update
 PEAK_N, PEAK_REPEATS = 2048, 10
 
 
-def size_spec(name: str) -> Dict[str, Any]:
+def size_spec(name: str, layout: str = "t5", family: str = "llama") -> Dict[str, Any]:
+    """The size's model and batch; layout 'decoder' adds `llm` (HF config overrides), `family`, `prefix_len`."""
+    if layout not in ("t5", "decoder"):
+        raise ValueError(f"layout must be 't5' or 'decoder', got {layout!r}")
+    if layout == "decoder":
+        if family not in LLM_FAMILIES:
+            raise ValueError(f"family must be one of {LLM_FAMILIES}, got {family!r}")
+        spec = dict(DECODER_SIZES[name])
+        spec["llm"] = dict(spec["llm"])
+        if spec.pop("from_demo", False):
+            demo = size_spec(name)
+            spec.update(wavlm=demo["wavlm"], layer_combination=demo["layer_combination"], lora=demo["lora"])
+        spec.update(name=name, layout="decoder", family=family)
+        return spec
     spec = dict(SIZES[name])
     if spec.pop("from_demo", False):
         from speechverse_jax import configs
@@ -106,19 +150,37 @@ def size_spec(name: str) -> Dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # Shared set-up (used by the workers and by tests/test_torch_reference.py).
 
+def is_decoder(spec: Dict[str, Any]) -> bool:
+    return "llm" in spec
+
+
 def make_backbones(spec: Dict[str, Any], folder: str) -> Dict[str, str]:
-    """Random HF WavLM (large family) and Flan-style T5 folders with the spec's shapes."""
+    """Random HF WavLM (large family) and Flan-style T5 (or decoder-only LM) folders with the spec's shapes."""
     from speechverse_jax import hf_tiny
 
+    if is_decoder(spec):
+        return {"wavlm": hf_tiny.save_wavlm(os.path.join(folder, "wavlm"), family="large", **spec["wavlm"]),
+                "llm": hf_tiny.save_decoder_lm(os.path.join(folder, "llm"), spec.get("family", "llama"),
+                                               **spec["llm"])}
     return {"wavlm": hf_tiny.save_wavlm(os.path.join(folder, "wavlm"), family="large", **spec["wavlm"]),
             "t5": hf_tiny.save_t5(os.path.join(folder, "t5"), flan=True, **spec["t5"])}
 
 
 def make_batch(spec: Dict[str, Any], seed: int = 0) -> Dict[str, np.ndarray]:
+    """The train step's batch; decoder-only adds `prefix_ids` / `prefix_mask` (the prompt before the audio)."""
     from speechverse_jax.data.synthetic import random_batch
 
-    return random_batch(seed, spec["batch"], int(spec["seconds"] * SAMPLE_RATE), spec["instruction_len"],
-                        spec["target_len"], spec["t5"]["vocab_size"], min_fraction=0.75)
+    vocab = spec["llm" if is_decoder(spec) else "t5"]["vocab_size"]
+    batch = random_batch(seed, spec["batch"], int(spec["seconds"] * SAMPLE_RATE), spec["instruction_len"],
+                         spec["target_len"], vocab, min_fraction=0.75)
+    if is_decoder(spec):
+        rng = np.random.default_rng(seed + 1000)
+        n = int(spec["prefix_len"])
+        lens = rng.integers(max(1, n // 2), n + 1, spec["batch"])
+        mask = np.arange(n)[None] < lens[:, None]
+        batch["prefix_ids"] = (rng.integers(3, vocab, (spec["batch"], n)) * mask).astype(np.int32)
+        batch["prefix_mask"] = mask
+    return batch
 
 
 def optim_config():
@@ -129,15 +191,17 @@ def optim_config():
     return optim
 
 
-def model_config(spec: Dict[str, Any], wavlm_cfg, t5_cfg):
+def model_config(spec: Dict[str, Any], wavlm_cfg, llm_cfg):
+    """Our composed config: `SpeechVerseConfig` (llm_cfg a `T5Config`) or `SpeechVerseDecoderConfig`."""
     from speechverse_jax.models import config as model_cfg_lib
 
     rank, alpha = spec["lora"]
     model = model_cfg_lib.model_config(layer_combination=spec["layer_combination"], strides=(2, 2), lora_rank=rank)
+    model.layout = "decoder" if is_decoder(spec) else "t5"
     model.lora.alpha = float(alpha)
     model.lora.dropout = 0.0
     model.t5_dropout_rate = 0.0
-    return model_cfg_lib.build_model_config(model, wavlm_cfg, t5_cfg)
+    return model_cfg_lib.build_model_config(model, wavlm_cfg, llm_cfg)
 
 
 class JaxSide:
@@ -149,15 +213,21 @@ class JaxSide:
 
         from speechverse_jax.train import config as train_cfg_lib
         from speechverse_jax.convert.hf_io import HFCheckpoint
-        from speechverse_jax.convert.t5 import convert_t5
         from speechverse_jax.convert.wavlm import convert_wavlm
-        from speechverse_jax.models.speechverse import SpeechVerse, init_params, init_params_subset
+        from speechverse_jax.models.composed import init_params, init_params_subset, llm_key, module_for
         from speechverse_jax.train import optimizer as opt_lib
 
         wavlm_cfg, wavlm = convert_wavlm(HFCheckpoint(folders["wavlm"]), dtype=np.float32)
-        t5_cfg, t5 = convert_t5(HFCheckpoint(folders["t5"]), dtype=np.float32)
-        self.cfg = model_config(spec, wavlm_cfg, t5_cfg)
-        self.model = SpeechVerse(self.cfg)
+        if is_decoder(spec):
+            from speechverse_jax.convert.decoder_lm import convert_decoder_lm
+
+            llm_cfg, llm = convert_decoder_lm(HFCheckpoint(folders["llm"]), dtype=np.float32)
+        else:
+            from speechverse_jax.convert.t5 import convert_t5
+
+            llm_cfg, llm = convert_t5(HFCheckpoint(folders["t5"]), dtype=np.float32)
+        self.cfg = model_config(spec, wavlm_cfg, llm_cfg)
+        self.model = module_for(self.cfg)
         boxed = jax.eval_shape(lambda r: init_params(self.cfg, r), jax.random.PRNGKey(0))
         import flax.linen as nn
 
@@ -173,8 +243,8 @@ class JaxSide:
                 trainable[k] = (rng.standard_normal(trainable[k].shape) * lora_b_scale).astype(np.float32)
         self.trainable_init = trainable
         # on the device once, as the train loop has them (numpy leaves would be copied in every call)
-        self.frozen = jax.device_put({"wavlm": wavlm, "t5": t5})
-        del wavlm, t5
+        self.frozen = jax.device_put({"wavlm": wavlm, llm_key(self.cfg): llm})
+        del wavlm, llm
         flat_frozen = traverse_util.flatten_dict(self.frozen, sep="/")
         want = {k for k, v in self.labels.items() if v == opt_lib.FREEZE}
         if set(flat_frozen) != want:
@@ -262,7 +332,8 @@ def analytic_flops(cfg, spec: Dict[str, Any]) -> Dict[str, Optional[float]]:
     try:
         from speechverse_jax.train import flops
 
-        step = flops.train_step_flops(cfg, spec["batch"], samples, spec["instruction_len"], spec["target_len"])
+        step = flops.train_step_flops(cfg, spec["batch"], samples, spec["instruction_len"], spec["target_len"],
+                                      prefix_len=int(spec.get("prefix_len", 0)))
         return {"train": float(step["total"]), "encoder": float(step["wavlm_forward"])}
     except Exception:  # noqa: BLE001
         return {"train": None, "encoder": None}
@@ -352,11 +423,9 @@ class JaxWorker:
         return {"seconds": _timed(run, n)}
 
     def encoder(self, n):
-        from speechverse_jax.models.speechverse import SpeechVerse
-
         if self.encoder_fn is None:
             model, params = self.side.model, {"wavlm": self.side.frozen["wavlm"]}
-            fn = self.jax.jit(lambda p, a, m: model.apply({"params": p}, a, m, method=SpeechVerse.encode_audio))
+            fn = self.jax.jit(lambda p, a, m: model.apply({"params": p}, a, m, method=type(model).encode_audio))
             t0 = time.perf_counter()
             compiled = fn.lower(params, self.batch["audio"], self.batch["audio_mask"]).compile()
             self.encoder_compile_s = time.perf_counter() - t0
@@ -396,12 +465,19 @@ class TorchWorker:
         with open(os.path.join(work, "folders.json")) as f:
             folders = json.load(f)
         from speechverse_jax.convert.hf_io import HFCheckpoint
-        from speechverse_jax.models.t5 import T5Config
         from speechverse_jax.models.wavlm import WavLMConfig
 
-        cfg = model_config(spec, WavLMConfig.from_hf(HFCheckpoint(folders["wavlm"]).config),
-                           T5Config.from_hf(HFCheckpoint(folders["t5"]).config))
-        self.model = ref.TorchSpeechVerse(folders["wavlm"], folders["t5"], cfg)
+        wavlm_cfg = WavLMConfig.from_hf(HFCheckpoint(folders["wavlm"]).config)
+        if is_decoder(spec):
+            from speechverse_jax.models.decoder_lm import DecoderLMConfig
+
+            cfg = model_config(spec, wavlm_cfg, DecoderLMConfig.from_hf(HFCheckpoint(folders["llm"]).config))
+            self.model = ref.TorchSpeechVerseDecoder(folders["wavlm"], folders["llm"], cfg)
+        else:
+            from speechverse_jax.models.t5 import T5Config
+
+            cfg = model_config(spec, wavlm_cfg, T5Config.from_hf(HFCheckpoint(folders["t5"]).config))
+            self.model = ref.TorchSpeechVerse(folders["wavlm"], folders["t5"], cfg)
         ref.load_ours(self.model, dict(np.load(os.path.join(work, "trainable_init.npz"))))
         self.model.train()
         optim = optim_config()
@@ -545,7 +621,7 @@ def _pick_threads(tw: Worker, cmd: str, choice: str, cores: int) -> Dict[str, An
 
 
 def run_size(name: str, args) -> Dict[str, Any]:
-    spec = size_spec(name)
+    spec = size_spec(name, args.layout, args.family)
     spec["cores"] = args.cores
     work = tempfile.mkdtemp(prefix=f"bench_train_{name}_")
     t0 = time.perf_counter()
@@ -694,6 +770,10 @@ def print_table(rows: List[Dict[str, Any]]) -> None:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="tiny,small,medium")
+    p.add_argument("--layout", choices=("t5", "decoder"), default="t5",
+                   help="t5: Flan-T5 + LoRA (HF T5ForConditionalGeneration); decoder: a decoder-only LLM + LoRA "
+                        "(HF LlamaForCausalLM / Qwen2ForCausalLM, see --family)")
+    p.add_argument("--family", choices=LLM_FAMILIES, default="llama", help="with --layout decoder: the LLM family")
     p.add_argument("--steps", type=int, default=0, help="timed steps per side (default: from the warm-up time)")
     p.add_argument("--rounds", type=int, default=4, help="alternating rounds the timed steps are split into")
     p.add_argument("--seconds-per-side", type=float, default=12.0,
@@ -703,12 +783,16 @@ def main():
                         "busy shared machine disturbs less")
     p.add_argument("--torch-threads", default="best",
                    help="torch intra-op threads: a number, or 'best' = the faster of 1 and all cores")
-    p.add_argument("--out", default=os.path.join(HERE, "results", "train_step.json"))
+    p.add_argument("--out", default=None,
+                   help="default bench/results/train_step.json (t5), bench/results/train_step_decoder.json (decoder)")
     p.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker_main(args.worker, args.spec)
+    if args.out is None:
+        args.out = os.path.join(HERE, "results", "train_step_decoder.json" if args.layout == "decoder"
+                                else "train_step.json")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path.insert(0, ROOT)
     import torch
@@ -716,7 +800,9 @@ def main():
     torch.set_num_threads(1)  # the driver only builds the HF folders; keep it off the workers' cores
     t0 = time.perf_counter()
     rows = [run_size(s.strip(), args) for s in args.sizes.split(",") if s.strip()]
-    result = {"machine": machine(), "settings": {"lr": LR, "dtype": "float32", "dropout": 0.0,
+    result = {"machine": machine(), "settings": {"layout": args.layout,
+                                                 "family": args.family if args.layout == "decoder" else None,
+                                                 "lr": LR, "dtype": "float32", "dropout": 0.0,
                                                  "rounds": args.rounds, "cores": args.cores or _cores(),
                                                  "torch_threads": args.torch_threads,
                                                  "wall_s": time.perf_counter() - t0},
