@@ -64,7 +64,10 @@ class SpeechVerseModel:
         frozen = composed.frozen_prefixes(cfg)
         fresh = init_params_subset(cfg, jax.random.PRNGKey(seed),
                                    keep=lambda p: not p.startswith(frozen) or "/lora_" in p)
-        params = tree.merge(base, fresh)
+        # the base folder is unrolled; lay the whole tree out the way the model runs (model.scan_layers)
+        from speechverse_jax.models.scan_layout import tree_to_layout
+
+        params = tree_to_layout(tree.merge(base, fresh), bool(getattr(cfg, "scan_layers", False)))
         try:
             tokenizer = load_tokenizer(base_dir)
         except Exception:  # a base folder without tokenizer files still runs `encode`

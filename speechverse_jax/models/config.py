@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Any, Optional
 
 import ml_collections
@@ -100,14 +99,9 @@ def build_model_config(
             if preset not in presets.DECODER_LM:
                 raise ValueError(f"model.llm_preset must be one of {sorted(presets.DECODER_LM)}, got {preset!r}")
             llm_cfg = DecoderLMConfig.from_hf(presets.DECODER_LM[preset])
-        # the packaged paper configs scan the full-size T5's layers; the decoder-only LLM runs its
-        # layers unrolled (said once, not an error, so those configs run as they are). `model.remat`
-        # applies to each LLM layer.
-        if model.scan_layers:
-            logging.getLogger(__name__).warning(
-                "model.scan_layers=True: not implemented for model.layout='decoder' (T5 layout only); WavLM's and "
-                "the LLM's layers run unrolled (model.remat=%r still applies per LLM layer)", str(model.remat))
-        return SpeechVerseDecoderConfig(wavlm=wavlm_cfg, llm=llm_cfg, remat=str(model.remat), **shared)
+        # `model.scan_layers` scans the LLM's layers and WavLM's; `model.remat` applies to each LLM layer
+        return SpeechVerseDecoderConfig(wavlm=wavlm_cfg, llm=llm_cfg, remat=str(model.remat),
+                                        scan_layers=bool(model.scan_layers), **shared)
     t5_cfg = llm_cfg
     if t5_cfg is None:
         if model.t5_preset not in presets.T5:

@@ -574,6 +574,52 @@ class Layer(nn.Module):
         return self._finish(x, out, deterministic), dict(layer_cache, gk=gk, gv=gv)
 
 
+class ScanLayer(Layer):
+    """A `Layer` behind one signature for `nn.scan` / `nn.remat`:
+    `(carry x, xs, consts, mode, deterministic) -> (carry x, ys)`, `mode` a static tuple.
+
+    Per-layer choices (Gemma's sliding / full attention and local / global RoPE) come in as the
+    scanned input `xs[0]`: None when every layer is of one type (then `consts` hold that type's
+    RoPE and mask only), else a bool scalar per layer (True: sliding) that selects between the
+    two RoPE tables and masks in `consts` (`pick`).
+
+      ("full", kv, hidden): xs (flag, None); consts ((cos, sin), mask) per type; ys a dict with the
+                            layer's (k, v) if `kv` and its output x if `hidden` (else None)
+      ("step",):            xs (flag, the layer's cache); consts ((cos, sin), mask) per type and
+                            index; ys the layer's updated cache
+      ("beams", beams):     xs (flag, the layer's beam cache); consts ((cos, sin), (prompt_mask,
+                            gen_mask)) per type and step; ys the layer's updated cache
+    """
+
+    def __call__(self, x, xs, consts, mode, deterministic: bool = True):
+        flag, layer_cache = xs
+        rope, mask = pick(flag, consts[0])
+        cos, sin = rope
+        if mode[0] == "full":
+            x, kv = Layer.__call__(self, x, cos, sin, mask, deterministic)
+            ys = {}
+            if mode[1]:
+                ys["kv"] = kv
+            if mode[2]:
+                ys["hidden"] = x
+            return x, (ys or None)
+        if mode[0] == "step":
+            return self.step(x, cos, sin, layer_cache, consts[1], mask, deterministic)
+        if mode[0] == "beams":
+            pm, gm = mask
+            return self.step_beams(x, cos, sin, layer_cache, consts[1], mode[1], pm, gm, deterministic)
+        raise ValueError(f"decoder_lm layer: unknown mode {mode!r}")
+
+
+def pick(flag, choices):
+    """`choices` = (full, sliding) pytrees, or one pytree when `flag` is None (every layer alike):
+    the sliding one where the traced bool `flag` is set."""
+    if flag is None:
+        return choices
+    full, sliding = choices
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(flag, b, a), full, sliding)
+
+
 class LMOutput(NamedTuple):
     logits: jax.Array  # [b, t, vocab] float
     hidden_states: Optional[Tuple[jax.Array, ...]]  # HF layout: input, after layers 0..n-2, final (normed)
@@ -594,13 +640,20 @@ class DecoderLM(nn.Module):
 
     `remat`: a `model.remat` policy name (`models/layers.py: REMAT_POLICIES`) applied to each layer's
     teacher-forced `__call__` (`nn.remat`; the params keep their `layers_{i}` paths, and the cached
-    decoding methods `step` / `step_beams` are not rematerialised)."""
+    decoding methods `step` / `step_beams` are not rematerialised).
+
+    `scan_layers`: the layers run under `nn.scan` (`ScanLayer`): one compiled layer, params stacked on
+    a leading `layers` axis (`layers/...` `[L, ...]` instead of `layers_{i}/...`; `models/scan_layout.py`
+    converts between the two). Gemma's per-layer sliding window and local/global RoPE are scanned
+    inputs. The decoding cache is then stacked too (`'layers': {'k', 'v': [L, b, ...]}`), and
+    prefill / decode_step / beams run the same scan."""
 
     cfg: DecoderLMConfig
     lora: Optional[LoRAConfig] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: str = "none"
+    scan_layers: bool = False
 
     def setup(self):
         c = self.cfg
@@ -611,8 +664,17 @@ class DecoderLM(nn.Module):
         )
         kw = dict(lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype)
         # Layer.__call__(self, x, cos, sin, mask, deterministic): `deterministic` (5) is static
-        layer = layer_class(Layer, self.remat, static_argnums=(5,))
-        self.layers = [layer(c, i, **kw) for i in range(c.num_hidden_layers)]
+        if self.scan_layers:
+            # ScanLayer.__call__(self, x, xs, consts, mode, deterministic): mode and deterministic static
+            layer = layer_class(ScanLayer, self.remat, static_argnums=(4, 5), scanned=True)
+            self.layers = nn.scan(
+                layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_hidden_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(c, 0, **kw)
+        else:
+            layer = layer_class(Layer, self.remat, static_argnums=(5,))
+            self.layers = [layer(c, i, **kw) for i in range(c.num_hidden_layers)]
         self.final_norm = RMSNorm(c.rms_norm_eps, gemma=c.is_gemma, dtype=self.dtype, param_dtype=self.param_dtype)
         if not c.tie_word_embeddings:
             self.lm_head = Dense(c.vocab_size, ("embed", "vocab"), **kw)
@@ -636,6 +698,21 @@ class DecoderLM(nn.Module):
         c = self.cfg
         return ropes["local"] if ("local" in ropes and c.is_sliding(i)) else ropes["global"]
 
+    def _per_type(self, full, sliding):
+        """`ScanLayer`'s per-type consts and scanned flags: (`full` or `sliding` alone, None) when every
+        layer is of one type, else ((full, sliding), bool `[L]`: which layers slide)."""
+        c = self.cfg
+        flags = [c.is_sliding(i) for i in range(c.num_hidden_layers)]
+        if all(flags):
+            return sliding, None
+        if not any(flags):
+            return full, None
+        return (full, sliding), jnp.asarray(flags)
+
+    def _scan_ropes(self, ropes):
+        """(full layers' (cos, sin), sliding layers' (cos, sin))."""
+        return ropes["global"], ropes.get("local", ropes["global"])
+
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final hidden states `[..., hidden]` -> logits `[..., vocab]` (soft-capped for Gemma)."""
         if self.cfg.tie_word_embeddings:
@@ -644,7 +721,9 @@ class DecoderLM(nn.Module):
             out = self.lm_head(hidden)
         return softcap(out, self.cfg.final_logit_softcapping)
 
-    def _forward(self, inputs_embeds, mask, position_ids, deterministic, output_hidden_states):
+    def _forward(self, inputs_embeds, mask, position_ids, deterministic, output_hidden_states, want_kv=False):
+        """-> (final normed x, hidden states or None, per-layer (k, v): a list, or stacked `[L, ...]`
+        when scanning (None unless `want_kv`))."""
         c = self.cfg
         b, t, _ = inputs_embeds.shape
         mask = jnp.ones((b, t), bool) if mask is None else mask.astype(bool)
@@ -656,6 +735,15 @@ class DecoderLM(nn.Module):
         x = constrain(inputs_embeds.astype(self.dtype), ACT)
         hidden = [x]
         kvs = []
+        if self.scan_layers:
+            rope_full, rope_sliding = self._scan_ropes(ropes)
+            choices, flags = self._per_type((rope_full, full), (rope_sliding, sliding))
+            x, ys = self.layers(x, (flags, None), (choices,), ("full", want_kv, output_hidden_states), deterministic)
+            if output_hidden_states:
+                hidden += [ys["hidden"][i] for i in range(c.num_hidden_layers)]
+            x = self.final_norm(x)
+            hidden[-1] = x
+            return x, (tuple(hidden) if output_hidden_states else None), (ys["kv"] if want_kv else None)
         for i, layer in enumerate(self.layers):
             cos, sin = self._layer_rope(ropes, i)
             x, kv = layer(x, cos, sin, sliding if c.is_sliding(i) else full, deterministic)
@@ -696,7 +784,8 @@ class DecoderLM(nn.Module):
              'mask': bool [b, max_length] (keys visible: real prompt tokens and decoded ones),
              'layers_{i}': {'k', 'v': [b, max_length, KV, D]}}
 
-        Every leaf has the batch first, so beam search can gather rows. `max_length` (static)
+        (with `scan_layers`: 'layers': {'k', 'v': [L, b, max_length, KV, D]} instead of 'layers_{i}').
+        Every per-layer leaf has the batch first (after the layer axis when scanned). `max_length` (static)
         must cover the prompt plus the new tokens. Left-pad prompts so the last array position is
         a real token for every row.
         """
@@ -704,7 +793,7 @@ class DecoderLM(nn.Module):
         if max_length < t:
             raise ValueError(f"DecoderLM.prefill: max_length {max_length} < prompt length {t}")
         mask = attention_mask.astype(bool)
-        x, _, kvs = self._forward(inputs_embeds, mask, None, deterministic, False)
+        x, _, kvs = self._forward(inputs_embeds, mask, None, deterministic, False, want_kv=True)
         logits = self.logits(x[:, -1])
         pad = ((0, 0), (0, max_length - t), (0, 0), (0, 0))
         cache: Dict[str, Any] = {
@@ -712,6 +801,11 @@ class DecoderLM(nn.Module):
             "position": jnp.sum(mask, axis=-1).astype(jnp.int32),
             "mask": jnp.pad(mask, ((0, 0), (0, max_length - t))),
         }
+        if self.scan_layers:
+            k, v = kvs
+            pad = ((0, 0),) + pad
+            cache["layers"] = {"k": jnp.pad(k.astype(self.dtype), pad), "v": jnp.pad(v.astype(self.dtype), pad)}
+            return logits, cache
         for i, (k, v) in enumerate(kvs):
             cache[f"layers_{i}"] = {"k": jnp.pad(k.astype(self.dtype), pad), "v": jnp.pad(v.astype(self.dtype), pad)}
         return logits, cache
@@ -737,6 +831,13 @@ class DecoderLM(nn.Module):
         if c.sliding_window:
             sliding = (kmask & causal & (keys[None, :] > index[:, None] - c.sliding_window))[:, None, :]
         new_cache = dict(cache, index=index + 1, position=position + 1, mask=kmask)
+        if self.scan_layers:
+            rope_full, rope_sliding = self._scan_ropes(ropes)
+            choices, flags = self._per_type((rope_full, full), (rope_sliding, sliding))
+            x, new_cache["layers"] = self.layers(x, (flags, cache["layers"]), (choices, index), ("step",),
+                                                 deterministic)
+            x = self.final_norm(x)
+            return self.logits(x[:, 0]), new_cache
         for i, layer in enumerate(self.layers):
             cos, sin = self._layer_rope(ropes, i)
             x, new_cache[f"layers_{i}"] = layer.step(x, cos, sin, cache[f"layers_{i}"], index,
@@ -769,6 +870,13 @@ class DecoderLM(nn.Module):
             g_win = (own & (seen & (t + gen_steps[None, :] > here[:, None] - w))[:, None, :]).reshape(n, -1)
             masks["sliding"] = (p_win, g_win)
         new_cache = dict(cache, index=step + 1, position=position + 1, slots=slots)
+        if self.scan_layers:
+            rope_full, rope_sliding = self._scan_ropes(ropes)
+            choices, flags = self._per_type((rope_full, masks["full"]), (rope_sliding, masks.get("sliding")))
+            x, new_cache["layers"] = self.layers(x, (flags, cache["layers"]), (choices, step), ("beams", beams),
+                                                 deterministic)
+            x = self.final_norm(x)
+            return self.logits(x[:, 0]), new_cache
         for i, layer in enumerate(self.layers):
             cos, sin = self._layer_rope(ropes, i)
             pm, gm = masks["sliding" if c.is_sliding(i) else "full"]
@@ -788,6 +896,8 @@ def expand_for_beams(cache: Dict[str, Any], beams: int, max_new_tokens: int) -> 
          'layers_{i}': {'k', 'v': [b, T, KV, D] (the prompt, shared by the beams),
                         'gk', 'gv': [b, beams * N, KV, D] (generated; beam j writes at j * N + s)}}
 
+    (a scanned model's cache: 'layers' holding the same four with a leading layer axis).
+
     Beam search moves a hypothesis between rows by gathering `slots` and `index` only
     (`models.t5.reorder_cache`); the keys/values never move.
     """
@@ -798,6 +908,10 @@ def expand_for_beams(cache: Dict[str, Any], beams: int, max_new_tokens: int) -> 
         "mask": cache["mask"],
         "slots": jnp.zeros((b * beams, max_new_tokens), jnp.int32),
     }
+    if "layers" in cache:  # scanned: [L, b, ...]
+        k, v = cache["layers"]["k"][:, :, :t], cache["layers"]["v"][:, :, :t]
+        shape = k.shape[:2] + (beams * max_new_tokens,) + k.shape[3:]
+        out["layers"] = {"k": k, "v": v, "gk": jnp.zeros(shape, k.dtype), "gv": jnp.zeros(shape, v.dtype)}
     for name, layer in cache.items():
         if name.startswith("layers_"):
             k, v = layer["k"][:, :t], layer["v"][:, :t]
@@ -806,9 +920,10 @@ def expand_for_beams(cache: Dict[str, Any], beams: int, max_new_tokens: int) -> 
     return out
 
 
-def abstract_params(cfg: DecoderLMConfig, lora: Optional[LoRAConfig] = None, param_dtype=jnp.float32) -> dict:
+def abstract_params(cfg: DecoderLMConfig, lora: Optional[LoRAConfig] = None, param_dtype=jnp.float32,
+                    scan_layers: bool = False) -> dict:
     """Shapes/dtypes of `DecoderLM(cfg)`'s params, without allocating them (`jax.eval_shape`)."""
-    model = DecoderLM(cfg, lora=lora, param_dtype=param_dtype)
+    model = DecoderLM(cfg, lora=lora, param_dtype=param_dtype, scan_layers=scan_layers)
     ids = jnp.zeros((1, 2), jnp.int32)
     shapes = jax.eval_shape(lambda r: model.init(r, input_ids=ids), jax.random.PRNGKey(0))
     return nn.unbox(shapes)["params"]

@@ -4,15 +4,19 @@ Unrolled (the converted-checkpoint and HF-export layout):
 
     t5/{encoder,decoder}/block_{i}/...        i = 0..L-1
     wavlm/encoder/layers_{i}/...              i = 0..L-1
+    llm/layers_{i}/...                        i = 0..L-1  (decoder-only LLM, `models/decoder_lm.py`)
 
 Scanned: the same leaves stacked on a new leading axis of size L (WavLM: L-1, layer 0 keeps its
 own name because it alone owns `rel_attn_embed`):
 
     t5/{encoder,decoder}/blocks/...           [L, ...]
     wavlm/encoder/layers_0/..., wavlm/encoder/layers/...   [L-1, ...]
+    llm/layers/...                            [L, ...]
 
-Works on flat dicts ('/'-joined paths, with or without a leading 'wavlm/' / 't5/' or
-SpeechVerse prefix) of numpy arrays, jax arrays or `jax.ShapeDtypeStruct`s.
+Works on flat dicts ('/'-joined paths, with or without a leading 'wavlm/' / 't5/' / 'llm/' or
+SpeechVerse prefix) of numpy arrays, jax arrays or `jax.ShapeDtypeStruct`s. A decoder-only LLM's
+layers are recognised at the root of the dict (`layers_{i}/...`, the `DecoderLM` params alone) or
+under a path component named `llm`.
 """
 
 from __future__ import annotations
@@ -29,11 +33,13 @@ _T5_UNROLLED = re.compile(r"^(.*?)(encoder|decoder)/block_(\d+)/(.*)$")
 _WAVLM_UNROLLED = re.compile(r"^(.*?)encoder/layers_(\d+)/(.*)$")
 _T5_SCANNED = re.compile(r"^(.*?)(encoder|decoder)/blocks/(.*)$")
 _WAVLM_SCANNED = re.compile(r"^(.*?)encoder/layers/(.*)$")
+_LM_UNROLLED = re.compile(r"^((?:.*/)?llm/|)layers_(\d+)/(.*)$")
+_LM_SCANNED = re.compile(r"^((?:.*/)?llm/|)layers/(.*)$")
 
 
 def is_scanned(flat: Dict[str, Any]) -> bool:
     """Whether a flat params dict holds stacked layers."""
-    return any(_T5_SCANNED.match(k) or _WAVLM_SCANNED.match(k) for k in flat)
+    return any(_T5_SCANNED.match(k) or _WAVLM_SCANNED.match(k) or _LM_SCANNED.match(k) for k in flat)
 
 
 def _stack(values):
@@ -57,6 +63,11 @@ def stack_layers(flat: Dict[str, Any]) -> Dict[str, Any]:
     """Unrolled -> scanned (a dict already scanned is returned unchanged)."""
     out, groups = {}, {}
     for k, v in flat.items():
+        m = _LM_UNROLLED.match(k)
+        if m:
+            prefix, i, rest = m.groups()
+            groups.setdefault(f"{prefix}layers/{rest}", {})[int(i)] = v
+            continue
         m = _T5_UNROLLED.match(k)
         if m and "/wavlm/" not in "/" + m.group(1):
             prefix, stack, i, rest = m.groups()
@@ -81,6 +92,12 @@ def unstack_layers(flat: Dict[str, Any]) -> Dict[str, Any]:
     """Scanned -> unrolled (a dict already unrolled is returned unchanged)."""
     out = {}
     for k, v in flat.items():
+        m = _LM_SCANNED.match(k)
+        if m:
+            prefix, rest = m.groups()
+            for i, x in enumerate(_unstack(v, v.shape[0])):
+                out[f"{prefix}layers_{i}/{rest}"] = x
+            continue
         m = _T5_SCANNED.match(k)
         if m:
             prefix, stack, rest = m.groups()

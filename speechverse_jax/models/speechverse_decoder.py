@@ -61,6 +61,9 @@ class SpeechVerseDecoderConfig:
     dtype: str = "float32"  # compute dtype
     frozen_param_dtype: str = "float32"  # storage of WavLM / LLM weights
     remat: str = "none"  # per LLM layer: none | full | dots_saveable | dots_with_no_batch_dims_saveable
+    # nn.scan over the LLM's layers and WavLM's layers 1..L-1 (params on a leading `layers` axis:
+    # `llm/layers/...`, `wavlm/encoder/layers/...`; `models/scan_layout.py` converts)
+    scan_layers: bool = False
 
     def __post_init__(self):
         from speechverse_jax.models.layers import remat_policy
@@ -83,7 +86,8 @@ class SpeechVerseDecoderConfig:
 
     def lm(self) -> DecoderLM:
         """The LLM module inside `SpeechVerseDecoder(self)`, to run with `params['llm']`."""
-        return DecoderLM(self.llm, lora=self.lora, dtype=self.compute_dtype, param_dtype=DTYPES[self.frozen_param_dtype])
+        return DecoderLM(self.llm, lora=self.lora, dtype=self.compute_dtype, param_dtype=DTYPES[self.frozen_param_dtype],
+                         scan_layers=self.scan_layers)
 
 
 # ---- host side: prompt text -> token ids ---------------------------------------------------------
@@ -169,11 +173,12 @@ class SpeechVerseDecoder(nn.Module):
     def setup(self):
         cfg = self.cfg
         dtype, frozen = cfg.compute_dtype, DTYPES[cfg.frozen_param_dtype]
-        self.wavlm = WavLM(cfg.wavlm, dtype=dtype, param_dtype=frozen)
+        self.wavlm = WavLM(cfg.wavlm, dtype=dtype, param_dtype=frozen, scan_layers=cfg.scan_layers)
         self.layer_weights = LayerCombination(cfg.layer_combination, dtype=dtype)
         self.downsampler = Downsampler(features=cfg.llm.hidden_size, strides=tuple(cfg.downsample_strides),
                                        kernel_size=cfg.downsample_kernel, dtype=dtype)
-        self.llm = DecoderLM(cfg.llm, lora=cfg.lora, dtype=dtype, param_dtype=frozen, remat=cfg.remat)
+        self.llm = DecoderLM(cfg.llm, lora=cfg.lora, dtype=dtype, param_dtype=frozen, remat=cfg.remat,
+                             scan_layers=cfg.scan_layers)
 
     def encode_audio(self, audio: jax.Array, audio_mask: jax.Array):
         """Frozen WavLM: audio `[b, samples]` -> (L+1 hidden states `[b, frames, dim]`, frame mask)."""

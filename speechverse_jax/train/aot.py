@@ -402,8 +402,7 @@ def compile_train_step(config, log_fn=print, compiler_options: Optional[Dict[str
         "batch": shapes,
         "accum_steps": info["accum_steps"],
         "micro_batch_per_shard": b // info["accum_steps"] // (mesh.shape["data"] * mesh.shape["fsdp"]),
-        # the decoder-only layout runs its layers unrolled whatever model.scan_layers says
-        "scan_layers": bool(config.model.scan_layers) and info["layout"] == "t5",
+        "scan_layers": bool(config.model.scan_layers),
         "remat": str(config.model.remat),
         "params": info["params"],
         "per_device_bytes": info["per_device_bytes"],

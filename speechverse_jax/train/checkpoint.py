@@ -382,7 +382,9 @@ def _layout_hint(directory: str, step: int, abstract_state: Any, error: Exceptio
         files = glob.glob(os.path.join(directory, str(step), "state", "_METADATA"))
         if files:
             tree = json.dumps(json.load(open(files[0])))
-            saved = "/blocks" in tree or "'blocks'" in tree or '"blocks"' in tree
+            # stacked layers: T5's `blocks`, WavLM's and the decoder-only LLM's `layers` (not `layers_{i}`)
+            saved = any(f"/{n}" in tree.replace(f"/{n}_", "") or f"'{n}'" in tree or f'"{n}"' in tree
+                        for n in ("blocks", "layers"))
     except Exception:  # the hint is best-effort; the original error is chained
         saved = None
     if saved is not None and saved != want:
