@@ -169,8 +169,9 @@ def test_train_steps_init_from_and_infer_across_layouts(bases, manifests, tmp_pa
     want = unrolled.generate(audio, ["Transcribe the audio."], max_new_tokens=6)
     assert scanned.generate(audio, ["Transcribe the audio."], max_new_tokens=6) == want
 
-    # resuming the scanned run unrolled: refused, naming the field (last: a refused resume still
-    # rewrites the run's config.json)
+    # resuming the scanned run unrolled: refused, naming the field, and the run folder left as it was
     resume = stage_config(base, "stage2_warmup", manifests["asr4"], 4, checkpoint_every=3, eval_every=1000)
+    config_json = (tmp_path / "scan1" / "config.json").read_text()
     with pytest.raises(ValueError, match="scan_layers=True"):
         train(resume, str(tmp_path / "scan1"), curriculum.make_data(resume), progress=False)
+    assert (tmp_path / "scan1" / "config.json").read_text() == config_json

@@ -68,3 +68,20 @@ def test_the_decoder_layout_needs_a_release_with_the_lm(tmp_path, make_fake_rele
     config.layout = "encoder"
     with pytest.raises(UserError, match="layout must be one of"):
         check_backbones(config)
+
+
+def test_compare_table_gives_each_layouts_best_scores_and_the_difference():
+    from speechverse_jax.demo.run import compare_table
+
+    def summary(wer, acc):
+        return {"metrics": {"asr": {"seen/free": {"wer": wer}, "unseen/free": {"wer": wer + 10}},
+                            "ic": {"seen/free": {"accuracy": acc - 5}, "seen/constrained": {"accuracy": acc}}},
+                "robustness": {"robust_order": {"asr": {"seen/free": {"wer": 90.0}}}}}
+
+    table = compare_table({"T5": summary(20.0, 70.0), "decoder": summary(25.0, 72.0)})
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines()[2:]}
+    assert rows["asr"][2:4] == ["20.0", "25.0"] and rows["asr"][4:6] == ["30.0", "35.0"]
+    assert rows["asr"][-1].strip(" |") == "-5.0"  # WER: lower is better, so the decoder is 5 points worse
+    assert rows["ic"][2:4] == ["70.0", "72.0"] and rows["ic"][-1].strip(" |") == "+2.0"  # best decoding
+    assert rows["asr"][8:10] == ["90.0", "90.0"] and rows["ic"][8:10] == ["", ""]
+    assert "decoder vs T5, seen" in table.splitlines()[0]

@@ -178,6 +178,40 @@ def best_score(task: str, settings: Dict[str, Dict[str, Any]], prefix: str = "se
     return min(scores) if metric == "wer" else max(scores)
 
 
+def compare_table(summaries: Dict[str, Dict[str, Any]]) -> str:
+    """Markdown: each task's best score per demo run (`{name: summary.json dict}`, e.g. the T5 and the
+    decoder-only layout on one corpus) on the test split (seen and unseen instructions) and the
+    robustness splits, with the second run's difference from the first (positive: better)."""
+    from speechverse_jax.data import tasks as tasks_lib
+
+    names = list(summaries)
+    columns = [("seen", "metrics", "seen/"), ("unseen", "metrics", "unseen/"),
+               ("robust voices", "robust_voices", "seen/"), ("robust word order", "robust_order", "seen/")]
+
+    def score(summary, source, task, prefix):
+        table = summary["metrics"] if source == "metrics" else summary.get("robustness", {}).get(source, {})
+        return best_score(task, table[task], prefix) if task in table else None
+
+    head = [f"{col} {name}" for col, _, _ in columns for name in names]
+    lines = ["| task | metric | " + " | ".join(head) + (f" | {names[-1]} vs {names[0]}, seen |" if len(names) == 2 else " |"),
+             "|---" * (2 + len(head) + (len(names) == 2)) + "|"]
+    tasks = sorted(set().union(*(s["metrics"] for s in summaries.values())))
+    for task in tasks:
+        metric = tasks_lib.get_task(task).metric
+        cells = []
+        for _, source, prefix in columns:
+            for name in names:
+                value = score(summaries[name], source, task, prefix)
+                cells.append("" if value is None else f"{value:.1f}")
+        row = f"| {task} | {metric} | " + " | ".join(cells)
+        if len(names) == 2:
+            a, b = (score(summaries[n], "metrics", task, "seen/") for n in names)
+            diff = "" if a is None or b is None else f"{(a - b if metric == 'wer' else b - a):+.1f}"
+            row += f" | {diff}"
+        lines.append(row + " |")
+    return "\n".join(lines) + "\n"
+
+
 def robustness_table(test: Dict[str, Any], robust: Dict[str, Dict[str, Any]]) -> str:
     """Markdown: per task, the test split's seen-instruction score (best decoding) next to each
     robustness split's, and the difference."""

@@ -291,7 +291,6 @@ def train(config, workdir: str, data: TrainData, mesh=None, progress: bool = Tru
 
     is_main = jax.process_index() == 0
     say = print if is_main else (lambda *a, **k: None)
-    ckpt_lib.write_config(workdir, config) if is_main else None
     setup = build_setup(config, mesh, log_fn=say)
     tcfg = config.train
     tx, schedule = opt_lib.make_optimizer(config.optim)
@@ -311,6 +310,8 @@ def train(config, workdir: str, data: TrainData, mesh=None, progress: bool = Tru
         stopper.best = float(meta.get("best_val_loss", math.inf))
         stopper.without_improvement = int(meta.get("evals_without_improvement", 0))
         say(f"resumed from {workdir} at step {int(state.step)}")
+    if is_main:  # written once the run is known to start (a refused resume leaves the folder as it was)
+        ckpt_lib.write_config(workdir, config)
 
     state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
     # activation constraints (models/layers.py `constrain`) take effect inside these traces
