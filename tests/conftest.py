@@ -14,6 +14,14 @@ jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
+
+def cached_env(**extra):
+    """os.environ for a subprocess that runs JAX on CPU with this run's persistent compilation cache
+    (programs a test compiles in several processes are compiled once)."""
+    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=_CACHE,
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+                **extra)
+
 try:  # torch is a test-only dependency; keep it from fighting JAX for the 2 cores.
     import torch
 

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from conftest import cached_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -24,7 +26,7 @@ def installed(tmp_path_factory):
                     str(wheel)], check=True, cwd=str(root))
     work = root / "elsewhere"
     work.mkdir()
-    env = dict(os.environ, PYTHONPATH=str(site), JAX_PLATFORMS="cpu")
+    env = cached_env(PYTHONPATH=str(site))
 
     def run(*args, timeout=600):
         out = subprocess.run([sys.executable, "-m", "speechverse_jax.cli", *args], cwd=str(work), env=env,

@@ -6,10 +6,12 @@ import os
 import subprocess
 import sys
 
+from conftest import cached_env
+
 
 def test_meshes_give_the_same_losses_and_params(tiny_base, tmp_path):
     worker = os.path.join(os.path.dirname(__file__), "sharding_worker.py")
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = cached_env()
     res = subprocess.run([sys.executable, worker, tiny_base, str(tmp_path)], capture_output=True, text=True,
                          env=env, timeout=900)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]

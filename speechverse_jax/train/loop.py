@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from speechverse_jax import fs
 from speechverse_jax import tree as tree_lib
 from speechverse_jax.data.audio import SAMPLE_RATE
 from speechverse_jax import checkpoints as base_ckpt
@@ -291,6 +292,8 @@ def train(config, workdir: str, data: TrainData, mesh=None, progress: bool = Tru
 
     is_main = jax.process_index() == 0
     say = print if is_main else (lambda *a, **k: None)
+    if is_main:  # a workdir that cannot be a folder fails here, naming it, before any work
+        fs.makedirs(fs.abs_path(workdir))
     setup = build_setup(config, mesh, log_fn=say)
     tcfg = config.train
     tx, schedule = opt_lib.make_optimizer(config.optim)
