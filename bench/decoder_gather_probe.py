@@ -10,7 +10,6 @@ Measured (libtpu 0.0.42.1; 8 LLM layers of 31.5 MB bf16 weights each, 252 MB in 
 fsdp=4: 325 MB of temporaries (remat none), 225 MB (full); replicated (data=4): 109 MB, 49 MB.
 """
 
-import dataclasses
 import json
 import os
 import sys

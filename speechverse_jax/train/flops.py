@@ -59,7 +59,7 @@ def wavlm_forward(cfg, batch: int, samples: int) -> float:
         n = _conv_out(n, k, s)
         flops += 2 * batch * n * c_in * c_out * k
         c_in = c_out
-    d, t, f, h = cfg.hidden_size, n, cfg.intermediate_size, cfg.num_attention_heads
+    d, t, f = cfg.hidden_size, n, cfg.intermediate_size
     flops += 2 * batch * t * c_in * d  # feature projection
     flops += 2 * batch * t * d * (d // cfg.num_conv_pos_embedding_groups) * cfg.num_conv_pos_embeddings
     per_layer = (4 * 2 * batch * t * d * d  # q, k, v, out
