@@ -150,9 +150,8 @@ def test_reuse_only_while_the_audio_and_the_encoder_are_the_same(tmp_path, monke
     EncoderCache({"spk1/a": np.ones((3, 2, 4), np.float16)}).save(path, fp)
 
     built = []
-    monkeypatch.setattr(checkpoints, "load_model_config", lambda d: (None, None, None))
+    monkeypatch.setattr(checkpoints, "model_config_for", lambda model, base_dir: None)
     monkeypatch.setattr(checkpoints, "load_base_params", lambda d: {"wavlm": None})
-    monkeypatch.setattr(demo_run.model_cfg_lib, "build_model_config", lambda *a: None)
     monkeypatch.setattr(cache_lib, "build_cache", lambda *a, **k: built.append(1) or
                         EncoderCache({"new": np.zeros((3, 1, 4), np.float16)}))
 

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from speechverse_jax.data.batching import bucket_length
 from speechverse_jax.errors import UserError
 from speechverse_jax.models.wavlm import WavLM, WavLMConfig, feature_lengths
 
@@ -354,11 +355,32 @@ def tokenizer_texts(families) -> List[str]:
     return texts
 
 
+def _phase_streams(families, phases):
+    """One `TextTasks` stream per phase and the phases' end steps: batch `i` comes from stream
+    `searchsorted(bounds, i, 'right')` (the last one past the end)."""
+    from speechverse_jax.demo.corpus import IC_LABELS, kws_vocabulary
+    from speechverse_jax.demo.text_tasks import TextTasks
+
+    streams = [TextTasks(families, kws_vocabulary(families), IC_LABELS, weights=dict(ph["tasks"]),
+                         salad_words=tuple(ph["salad_words"])) for ph in phases]
+    return streams, np.cumsum([int(ph["steps"]) for ph in phases])
+
+
+def _train_phased(name: str, section, workdir: str, loss_fn: Callable, params: dict, batch_at: Callable,
+                  config, progress: bool, what: str):
+    """`train_part` over `section.phases` (one warm-up + cosine each, peak `section.lr`)."""
+    steps = int(sum(int(ph["steps"]) for ph in section.phases))
+    schedule = _schedule([(int(ph["steps"]), int(ph["warmup_steps"])) for ph in section.phases], float(section.lr))
+    _say(f"{name}: {sum(x.size for x in jax.tree_util.tree_leaves(params)) / 1e6:.2f}M params, {what}, "
+         f"{steps} steps of {int(section.batch_size)} in {len(section.phases)} phases")
+    return train_part(name, workdir, loss_fn, params, batch_at, steps, schedule, int(config.checkpoint_every),
+                      progress, adam_b2=float(section.adam_b2))
+
+
 def pretrain_t5(config, families, tokenizer, workdir: str, progress: bool = True):
     """-> (params of `T5(cfg)`, T5Config, report)."""
     from speechverse_jax.data.tokenizer import TextEncoder
-    from speechverse_jax.demo.text_tasks import TextTasks, _t5_query_scale
-    from speechverse_jax.demo.corpus import IC_LABELS, kws_vocabulary
+    from speechverse_jax.demo.text_tasks import _t5_query_scale
     from speechverse_jax.models.speechverse import token_cross_entropy
     from speechverse_jax.models.t5 import T5, T5Config, shift_right
 
@@ -367,9 +389,7 @@ def pretrain_t5(config, families, tokenizer, workdir: str, progress: bool = True
     cfg = T5Config.from_hf(dict(t.model.to_dict(), vocab_size=vocab, pad_token_id=0, eos_token_id=1,
                                 decoder_start_token_id=0, is_encoder_decoder=True))
     model = T5(cfg)
-    streams = [TextTasks(families, kws_vocabulary(families), IC_LABELS, weights=dict(ph["tasks"]),
-                         salad_words=tuple(ph["salad_words"])) for ph in t.phases]
-    bounds = np.cumsum([int(ph["steps"]) for ph in t.phases])
+    streams, bounds = _phase_streams(families, t.phases)
     text_encoder = TextEncoder(tokenizer=tokenizer)
     eos, bs = cfg.eos_token_id, int(t.batch_size)
     max_in, max_out = int(t.max_input_tokens), int(t.max_target_tokens)
@@ -403,12 +423,8 @@ def pretrain_t5(config, families, tokenizer, workdir: str, progress: bool = True
     sample = batch_at(0)
     params = _t5_query_scale(nn.unbox(model.init(jax.random.PRNGKey(int(config.seed)), input_ids=sample["input_ids"][:1],
                                                  decoder_input_ids=sample["targets"][:1])["params"]), cfg)
-    steps = int(bounds[-1])
-    schedule = _schedule([(int(ph["steps"]), int(ph["warmup_steps"])) for ph in t.phases], float(t.lr))
-    _say(f"t5: {sum(x.size for x in jax.tree_util.tree_leaves(params)) / 1e6:.2f}M params, vocab {vocab}, "
-         f"{steps} steps of {bs} text pairs in {len(t.phases)} phases")
-    params, report = train_part("t5", workdir, loss_fn, params, batch_at, steps, schedule,
-                                int(config.checkpoint_every), progress, adam_b2=float(t.adam_b2))
+    params, report = _train_phased("t5", t, workdir, loss_fn, params, batch_at, config, progress,
+                                   f"vocab {vocab}, text pairs")
     return params, cfg, report
 
 
@@ -467,17 +483,13 @@ class LMPrompts:
 def pretrain_lm(config, families, tokenizer, workdir: str, progress: bool = True):
     """The decoder-only LM on the text tasks (the T5's phases), loss on the answer tokens only.
     -> (params of `DecoderLM(cfg)`, DecoderLMConfig, report)."""
-    from speechverse_jax.demo.corpus import IC_LABELS, kws_vocabulary
-    from speechverse_jax.demo.text_tasks import TextTasks
     from speechverse_jax.models.decoder_lm import DecoderLM
     from speechverse_jax.models.speechverse import token_cross_entropy
 
     t = config.lm
     cfg = lm_config(config, tokenizer)
     model = DecoderLM(cfg)
-    streams = [TextTasks(families, kws_vocabulary(families), IC_LABELS, weights=dict(ph["tasks"]),
-                         salad_words=tuple(ph["salad_words"])) for ph in t.phases]
-    bounds = np.cumsum([int(ph["steps"]) for ph in t.phases])
+    streams, bounds = _phase_streams(families, t.phases)
     prompts = LMPrompts(tokenizer, int(t.max_input_tokens), int(t.max_target_tokens))
     bs, pad = int(t.batch_size), int(cfg.pad_token_id or 0)
 
@@ -504,12 +516,8 @@ def pretrain_lm(config, families, tokenizer, workdir: str, progress: bool = True
     sample = batch_at(0)
     params = nn.unbox(model.init(jax.random.PRNGKey(int(config.seed)), input_ids=sample["ids"][:1],
                                  attention_mask=sample["mask"][:1])["params"])
-    steps = int(bounds[-1])
-    schedule = _schedule([(int(ph["steps"]), int(ph["warmup_steps"])) for ph in t.phases], float(t.lr))
-    _say(f"lm: {sum(x.size for x in jax.tree_util.tree_leaves(params)) / 1e6:.2f}M params, vocab {cfg.vocab_size}, "
-         f"{steps} steps of {bs} text examples in {len(t.phases)} phases")
-    params, report = train_part("lm", workdir, loss_fn, params, batch_at, steps, schedule,
-                                int(config.checkpoint_every), progress, adam_b2=float(t.adam_b2))
+    params, report = _train_phased("lm", t, workdir, loss_fn, params, batch_at, config, progress,
+                                   f"vocab {cfg.vocab_size}, chat-prompt examples")
     return params, cfg, report
 
 
@@ -664,7 +672,7 @@ def text_gates(config, families, t5_cfg, params, tokenizer) -> Dict[str, Any]:
         hyps = []
         for start in range(0, len(ids), 64):
             part = ids[start:start + 64]
-            arr = np.zeros((len(part), int(np.ceil(max(map(len, part)) / 16) * 16)), np.int32)
+            arr = np.zeros((len(part), bucket_length(max(map(len, part)), 16)), np.int32)  # shared shapes
             for i, x in enumerate(part):
                 arr[i, : len(x)] = x
             mask = jnp.asarray(arr != 0)
@@ -694,7 +702,7 @@ def lm_gates(config, families, lm_cfg, params, tokenizer) -> Dict[str, Any]:
         hyps = []
         for start in range(0, len(rows), 64):
             part = rows[start:start + 64]
-            arr = np.zeros((len(part), int(np.ceil(max(map(len, part)) / 16) * 16)), np.int32)
+            arr = np.zeros((len(part), bucket_length(max(map(len, part)), 16)), np.int32)  # shared shapes
             mask = np.zeros(arr.shape, bool)
             for i, x in enumerate(part):  # left padding: the answer follows the prompt's last token
                 arr[i, arr.shape[1] - len(x):], mask[i, arr.shape[1] - len(x):] = x, True
