@@ -208,6 +208,41 @@ def test_lm_examples_put_what_is_said_where_the_audio_goes_and_the_answer_after(
     assert len(answer) == 4 and answer[-1] == tok.eos_token_id  # cut to max_target, EOS kept
 
 
+def test_copy_labels_examples_write_the_answer_words_among_corpus_words():
+    from speechverse_jax.demo.corpus import IC_LABELS, answer_labels, answer_words, kws_vocabulary
+    from speechverse_jax.demo.text_tasks import TextTasks
+
+    words = answer_words()
+    for spoken in ("american", "caribbean", "non-speech", "yes", "two"):
+        assert spoken in words
+    assert {"ac", "sns", "kws", "sc", "ic"} <= set(answer_labels())
+    families = sentence_families(0)
+    stream = TextTasks(families, kws_vocabulary(families), IC_LABELS, weights={"copy_labels": 1.0})
+    triples = stream.sample_parts(np.random.default_rng(0), 200)
+    seen = set()
+    for said, instruction, target in triples:
+        assert said == target and 2 <= len(target.split()) <= 8
+        found = [w for w in target.split() if w in words]
+        assert found  # one to three answer words, the rest from the corpus's train vocabulary
+        seen.update(found)
+    assert {"american", "british", "scottish", "caribbean", "speech", "non-speech"} <= seen
+
+
+def test_collapsed_answer_pieces_are_those_whose_output_row_matches_another():
+    """An answer piece whose output row points where another row points is counted and named;
+    distinct rows are not (the release 4 LM had `american` and `caribbean` on one vector)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(shipped.__file__), "pretrained", "lm"))
+    rows = np.random.default_rng(0).standard_normal((len(tok), 64)).astype(np.float32)
+    assert recipe.collapsed_answer_pieces(rows, tok, "lm_")["lm_collapsed_answer_pieces"] == 0
+    american, caribbean = (tok(w, add_special_tokens=False)["input_ids"][0] for w in ("american", "caribbean"))
+    rows[caribbean] = 3.0 * rows[american]  # same direction, another length: still one choice
+    out = recipe.collapsed_answer_pieces(rows, tok, "lm_")
+    assert out["lm_collapsed_answer_pieces"] == 2
+    assert sorted(out["lm_collapsed_answer_piece_names"]) == sorted(tok.convert_ids_to_tokens([american, caribbean]))
+
+
 def test_a_run_folder_refuses_another_recipe(quick_release):
     config, out, _ = quick_release
     other = configs.load("demo_backbones", "quick")

@@ -472,6 +472,19 @@ def held_out_fingerprint(seed: int = 0) -> str:
     return hashlib.sha256("\n".join(held_out_sentences(seed)).encode()).hexdigest()
 
 
+def answer_labels() -> Dict[str, List[str]]:
+    """Every label the demo's classification-style tasks answer with: {task: [label, ...]}."""
+    labels = {t: list(tasks.TASKS[t].labels) for t in ("kws", "sc", "sns")}
+    labels.update(ic=list(IC_LABELS), ac=list(AC_LABELS))
+    return labels
+
+
+def answer_words() -> List[str]:
+    """The words of every demo answer label (sorted, once each). A pretrained LLM has written them
+    all; the demo backbones' text stream copies them so that none keeps an untrained output row."""
+    return sorted({w for labels in answer_labels().values() for label in labels for w in label.split()})
+
+
 def kws_vocabulary(families: Mapping[str, Mapping[str, Sequence[Sentence]]]) -> List[str]:
     """The content words of the train ASR sentences (KWS draws its negative keywords from them)."""
     return sorted({w for s in families["asr"]["train"] for w in content_words(s.text)})
@@ -643,8 +656,7 @@ def summarize(rows: Mapping[str, Sequence[Mapping[str, Any]]], sizes: Mapping[st
     counts = {sp: dict(collections.Counter(r["task"] for r in rows[sp])) for sp in SPLITS}
     audio_seconds = {sp: round(sum(r["duration"] for r in rows[sp]), 1) for sp in SPLITS}
     vocab = sorted({w for sp in SPLITS for r in rows[sp] for w in words(r.get("transcript", ""))})
-    labels = {t: list(tasks.TASKS[t].labels) for t in ("kws", "sc", "sns")}
-    labels.update(ic=list(IC_LABELS), ac=list(AC_LABELS), sf=list(SF_SLOT_NAMES))
+    labels = dict(answer_labels(), sf=list(SF_SLOT_NAMES))
     return {
         "sizes": {sp: dict(sizes[sp]) for sp in SPLITS}, "seed": seed, "tasks": list(DEMO_TASKS),
         "counts": counts, "total": {sp: len(rows[sp]) for sp in SPLITS},

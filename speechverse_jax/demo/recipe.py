@@ -30,6 +30,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -368,9 +369,10 @@ def _phase_streams(families, phases):
 
 def _train_phased(name: str, section, workdir: str, loss_fn: Callable, params: dict, batch_at: Callable,
                   config, progress: bool, what: str):
-    """`train_part` over `section.phases` (one warm-up + cosine each, peak `section.lr`)."""
+    """`train_part` over `section.phases` (one warm-up + cosine each, peak the phase's `lr` or `section.lr`)."""
     steps = int(sum(int(ph["steps"]) for ph in section.phases))
-    schedule = _schedule([(int(ph["steps"]), int(ph["warmup_steps"])) for ph in section.phases], float(section.lr))
+    schedule = _schedule([(int(ph["steps"]), int(ph["warmup_steps"]), float(ph.get("lr", section.lr)))
+                          for ph in section.phases], float(section.lr))
     _say(f"{name}: {sum(x.size for x in jax.tree_util.tree_leaves(params)) / 1e6:.2f}M params, {what}, "
          f"{steps} steps of {int(section.batch_size)} in {len(section.phases)} phases")
     return train_part(name, workdir, loss_fn, params, batch_at, steps, schedule, int(config.checkpoint_every),
@@ -586,7 +588,9 @@ def _probe(train_x, train_y, test_x, test_y) -> Tuple[float, int]:
         probe = (LogisticRegressionCV(Cs=[0.003, 0.01, 0.03, 0.1, 0.3, 1.0], cv=folds, max_iter=3000) if folds >= 2
                  else LogisticRegression(C=0.1, max_iter=3000))
         clf = make_pipeline(StandardScaler(), probe)
-        clf.fit(train_x[:, layer], train_y)
+        with warnings.catch_warnings():  # scikit-learn 1.8 announces default changes on every fit (one per layer)
+            warnings.simplefilter("ignore", FutureWarning)
+            clf.fit(train_x[:, layer], train_y)
         acc = 100.0 * float(np.mean(clf.predict(test_x[:, layer]) == np.asarray(test_y)))
         best = max(best, (round(acc, 2), layer))
     return best
@@ -639,8 +643,26 @@ def _text_cases(config, families) -> List[Tuple[str, str, List[dict]]]:
         kws_rows.append({"task": "kws", "transcript": s.text, "keyword": keyword, "target": answer})
     cases += [("copy_wer_shuffled", "asr", [{"task": "asr", "transcript": s.text, "target": s.text}
                                             for s in shuffled]),
-              ("kws_accuracy_shuffled", "kws", kws_rows)]
+              ("kws_accuracy_shuffled", "kws", kws_rows),
+              ("label_copy_wer", "asr", _label_copy_rows(families, seed))]
     return cases
+
+
+def _label_copy_rows(families, seed: int, per_word: int = 5) -> List[dict]:
+    """Copy rows that hold each demo answer word (`corpus.answer_words`: the accents, speech /
+    non-speech, yes / no...) among 2-4 words of held-out dev sentences: an LLM that cannot write a
+    label cannot answer with it, whatever its adapters feed it."""
+    from speechverse_jax.demo.corpus import answer_words
+
+    rng = _seed_rng(seed, 0x1AB)
+    dev_words = sorted({w for s in families["asr"]["dev"] for w in s.text.split()})
+    rows = []
+    for word in answer_words():
+        for _ in range(per_word):
+            words = [word] + [dev_words[int(i)] for i in rng.integers(len(dev_words), size=int(rng.integers(2, 5)))]
+            text = " ".join(words[int(i)] for i in rng.permutation(len(words)))
+            rows.append({"task": "asr", "transcript": text, "target": text})
+    return rows
 
 
 def _score_cases(config, families, prefix: str, answer: Callable[[List[str], List[str]], List[str]]) -> Dict[str, Any]:
@@ -656,6 +678,28 @@ def _score_cases(config, families, prefix: str, answer: Callable[[List[str], Lis
         result = metrics.evaluate_task(task, hyps, [r["target"] for r in rows], labels=labels)
         out[prefix + name] = round(float(result[spec.metric]), 2)
     return out
+
+
+COLLAPSE_COSINE = 0.95
+
+
+def collapsed_answer_pieces(output_rows, tokenizer, prefix: str) -> Dict[str, Any]:
+    """The pieces of the demo's answer labels (`corpus.answer_labels`) whose output row (`[vocab, d]`,
+    the logits' weights) has cosine >= COLLAPSE_COSINE with another row: an LLM cannot choose
+    between such pieces, whatever its adapters feed it. A piece no training target ever held ends
+    up there: its row only ever moves with every other unwritten piece's.
+    -> {prefix + 'collapsed_answer_pieces': count, prefix + 'collapsed_answer_piece_names': [piece]}."""
+    from speechverse_jax.demo.corpus import answer_labels
+
+    special = set(tokenizer.all_special_ids)
+    ids = sorted({i for labels in answer_labels().values() for label in labels
+                  for i in tokenizer(label, add_special_tokens=False)["input_ids"] if i not in special})
+    rows = np.asarray(output_rows, np.float32)
+    unit = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+    cos = unit[ids] @ unit.T  # [pieces, vocab]
+    cos[np.arange(len(ids)), ids] = -1.0
+    collapsed = [tokenizer.convert_ids_to_tokens(i) for i, c in zip(ids, cos.max(axis=1)) if c >= COLLAPSE_COSINE]
+    return {prefix + "collapsed_answer_pieces": len(collapsed), prefix + "collapsed_answer_piece_names": collapsed}
 
 
 def text_gates(config, families, t5_cfg, params, tokenizer) -> Dict[str, Any]:
@@ -683,7 +727,8 @@ def text_gates(config, families, t5_cfg, params, tokenizer) -> Dict[str, Any]:
                      for t, n in zip(np.asarray(gen.tokens), np.asarray(gen.lengths))]
         return hyps
 
-    return _score_cases(config, families, "text_", answer)
+    head = params["lm_head"]["kernel"].T if "lm_head" in params else params["shared"]["embedding"]
+    return dict(_score_cases(config, families, "text_", answer), **collapsed_answer_pieces(head, tokenizer, "text_"))
 
 
 def lm_gates(config, families, lm_cfg, params, tokenizer) -> Dict[str, Any]:
@@ -711,7 +756,8 @@ def lm_gates(config, families, lm_cfg, params, tokenizer) -> Dict[str, Any]:
                      for t, n in zip(np.asarray(gen.tokens), np.asarray(gen.lengths))]
         return hyps
 
-    return _score_cases(config, families, "lm_", answer)
+    head = params["lm_head"]["kernel"].T if "lm_head" in params else params["embed_tokens"]["embedding"]
+    return dict(_score_cases(config, families, "lm_", answer), **collapsed_answer_pieces(head, tokenizer, "lm_"))
 
 
 def judge(measured: Mapping[str, Any], thresholds: Mapping[str, Sequence]) -> Dict[str, Dict[str, Any]]:

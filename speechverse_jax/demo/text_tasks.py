@@ -39,7 +39,10 @@ class TextTasks:
     instruction; template sentences and random word strings that cannot be memorised), then the
     lexical tasks (IC, SF, KWS, KWE, open questions, and IC / KWE in the joint format).
     `copy_stretched` repeats each spoken word 1-4 times in the input and asks for the plain
-    sentence: audio frames are many per word, and the T5 should read such input too. The
+    sentence: audio frames are many per word, and the T5 should read such input too.
+    `copy_labels` copies strings that mix the demo's answer words (`corpus.answer_words`: accents,
+    speech / non-speech, yes / no...) into corpus words: a model that never writes a piece keeps
+    that piece's output row at its untrained value, the same for every such piece. The
     acoustic tasks (AC, SC, SNS) are left out: their text form carries no answer, and training on
     it would teach the T5 to ignore its input for those instructions.
     """
@@ -69,6 +72,7 @@ class TextTasks:
         if not 1 <= self.salad_words[0] <= self.salad_words[1]:
             raise ValueError(f"TextTasks: salad_words must be (low, high) with 1 <= low <= high, got {salad_words}")
         self._kws_pick = corpus.kws_pick
+        self.answer_words = corpus.answer_words()
 
     def _pick(self, items, rng):
         return items[int(rng.integers(len(items)))]
@@ -103,6 +107,11 @@ class TextTasks:
             if kind == "copy_stretched":  # each word 1-4 times, as audio frames stretch a word
                 said = " ".join(" ".join([w] * int(rng.integers(1, 5))) for w in text.split())
             return said, self._instruction("asr", {}, rng), text
+        if kind == "copy_labels":  # the answer words (accents, speech / non-speech...) among corpus words
+            words = [self._pick(self.answer_words, rng) for _ in range(int(rng.integers(1, 4)))]
+            words += [self._pick(self.words, rng) for _ in range(int(rng.integers(1, 6)))]
+            text = " ".join(words[int(i)] for i in rng.permutation(len(words)))
+            return text, self._instruction("asr", {}, rng), text
         if kind in ("ic", "sf") or (kind == "joint" and rng.random() < 0.5):
             s = self._pick(self._pick(self.by_intent, rng), rng)
             if kind == "sf":
