@@ -33,7 +33,7 @@ demo: install
 	$(VENV)/bin/speechverse-jax demo
 
 test: install
-	$(PY) -m pytest -q -n 2 --durations=15 $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15 $(PYTEST_ARGS) tests
 
 clean:
 	rm -rf $(VENV) .jax_cache .pytest_cache

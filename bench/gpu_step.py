@@ -60,7 +60,7 @@ def main():
                                   [tuple(r) for r in config.train.param_rules])
     pick = lambda which: traverse_util.unflatten_dict({k: v for k, v in params.items() if labels[k] == which}, sep="/")  # noqa: E731
     frozen, trainable = pick(opt_lib.FREEZE), pick(opt_lib.TRAIN)
-    tx, schedule = opt_lib.make_optimizer(config.optim)
+    tx, schedule = opt_lib.make_optimizer(config.optim, int(config.train.max_steps))
     state = init_state(trainable, tx, 0)
     b, n = a.batch, int(a.audio_seconds * 16000)
     rng = np.random.default_rng(0)

@@ -35,6 +35,20 @@ import pytest  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: an end-to-end test of 20 s or more on 2 cores (run first; "
+                                       "`-m 'not slow'` for a quick loop)")
+    config.addinivalue_line("markers", "xdist_group(name): tests that share an expensive module fixture run on "
+                                       "one worker (`--dist loadgroup`)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first (collection order otherwise): `-n 2 --dist loadgroup` hands tests out one
+    at a time, so the long ones start at once on both workers and the short ones fill in after,
+    instead of one long test running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
 TINY_TEXTS = [
     "turn on the radio now",
     "what is the time in paris",

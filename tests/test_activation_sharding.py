@@ -52,6 +52,7 @@ def _worker(*args):
     return {r["constraints"]: r for r in (json.loads(l) for l in res.stdout.splitlines() if l.startswith("{"))}
 
 
+@pytest.mark.slow
 def test_constraints_change_the_compiled_layout_on_a_tensor_parallel_mesh():
     rows = _worker()
     on, off = rows[True], rows[False]

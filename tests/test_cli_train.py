@@ -11,6 +11,7 @@ from speechverse_jax.cli import main
 from speechverse_jax.train import checkpoint as ckpt_lib
 
 
+@pytest.mark.slow
 def test_curriculum_cli_runs_three_stages_each_from_the_previous(tiny_base, asr_manifest, tmp_path):
     workdir = str(tmp_path / "run")
     # (stage1 and stage2_warmup as test_faults runs them: the same compiled steps)
@@ -43,6 +44,7 @@ def test_train_cli_reports_bad_config_values(tiny_base, asr_manifest, tmp_path, 
 
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("readers", ["threads", "workers"])
 def test_train_cli_with_the_default_data_config(tiny_base, asr_manifest, tmp_path, readers):
     """The documented command with the data section as shipped: grain reader threads on (the

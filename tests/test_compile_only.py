@@ -7,12 +7,15 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from speechverse_jax import configs
 from speechverse_jax.models import config as model_cfg_lib
 from speechverse_jax.train import flops
 
 
 
+@pytest.mark.slow
 def test_full_size_step_compiles_for_a_mesh_and_reports(tmp_path):
     out = tmp_path / "aot"
     cmd = [sys.executable, "-m", "speechverse_jax.cli", "train", "--config", "configs/stage2_multitask.py",

@@ -99,6 +99,7 @@ def cached_states(cfg, seed=0, b=B, frames=FRAMES):
     return hidden.astype(np.float32), np.arange(frames)[None] < lens[:, None]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_answer_only_logits_give_the_full_sequence_loss(family):
     """The default (`logits_at='answer'`) against logits over the whole packed sequence, right and
@@ -203,7 +204,7 @@ def test_analytic_decoder_flops_agree_with_xla(combination, lora_rank):
     rules = train_cfg_lib.RULES_STAGE2 if lora_rank else train_cfg_lib.RULES_STAGE1
     labels = opt_lib.label_params(tree.unflatten(params), [tuple(r) for r in rules])
     trainable, frozen = opt_lib.split(tree.unflatten(params), labels)
-    tx, schedule = opt_lib.make_optimizer(train_cfg_lib.train_config().optim)
+    tx, schedule = opt_lib.make_optimizer(train_cfg_lib.train_config().optim, 10000)
     state = jax.eval_shape(lambda p: init_state(p, tx, 0), trainable)
     b, samples, prefix, ins, tgt = 4, 16000, 16, 24, 16
     batch = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
@@ -246,7 +247,7 @@ def test_step_from_cached_encoder_states_equals_the_step_from_audio(tmp_path):
     cfg = model_cfg("llama")
     model = SpeechVerseDecoder(cfg)
     trainable, frozen = params_for(cfg)
-    tx, schedule = opt_lib.make_optimizer(train_cfg_lib.train_config(lr=1e-2, warmup_steps=0).optim)
+    tx, schedule = opt_lib.make_optimizer(train_cfg_lib.train_config(lr=1e-2, warmup_steps=0).optim, 10000)
     step = jax.jit(make_train_step(model, tx, schedule, num_tasks=2))
     state = init_state(trainable, tx, seed=0)
     raw = decoder_batch(seed=2)

@@ -118,6 +118,7 @@ def test_pipeline_batches_carry_the_chat_prompt_around_the_audio(bases, manifest
     assert text.strip() == "USER:"
 
 
+@pytest.mark.slow
 def test_stages_train_the_rules_set_only_loss_falls_and_resume(bases, manifests, tmp_path, capsys):
     base = bases["llama"]
     s1 = stage_config(base, "stage1", manifests["asr4"], 16)
@@ -182,6 +183,7 @@ def test_a_checkpoint_of_one_layout_is_refused_as_the_other(bases, tiny_base, ma
         build_setup(t5_stage, log_fn=lambda *a: None)
 
 
+@pytest.mark.slow
 def test_curriculum_then_eval_and_infer_on_the_decoder_layout(bases, manifests, tmp_path, capsys):
     base, manifest = bases["qwen2"], manifests["mixed"]
     workdir = str(tmp_path / "run")

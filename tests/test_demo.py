@@ -3,6 +3,7 @@
 A pipeline check, not a quality bar: the quick profile trains for a few steps only.
 """
 
+import pytest
 import json
 import os
 
@@ -13,6 +14,7 @@ from speechverse_jax.demo.run import run_demo
 DEMO_CONV = dict(conv_dim=[32] * 7, conv_kernel=[10, 3, 3, 3, 3, 2, 2], conv_stride=[5, 2, 2, 2, 2, 2, 2])
 
 
+@pytest.mark.slow
 def test_quick_demo_runs_end_to_end(tmp_path, make_fake_release):
     """The quick profile on a release folder of tiny random backbones (quality is not asserted): the
     release is checked, converted with --verify, and the whole curriculum and evaluation run on it."""

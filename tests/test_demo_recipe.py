@@ -144,6 +144,8 @@ def quick_release(tmp_path_factory):
     return config, str(out), report
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("quick_recipe")
 def test_the_quick_recipe_releases_checked_backbones_with_their_gates(quick_release, tmp_path):
     config, out, report = quick_release
     release = report["release_dir"]
@@ -243,6 +245,8 @@ def test_collapsed_answer_pieces_are_those_whose_output_row_matches_another():
     assert sorted(out["lm_collapsed_answer_piece_names"]) == sorted(tok.convert_ids_to_tokens([american, caribbean]))
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("quick_recipe")
 def test_a_run_folder_refuses_another_recipe(quick_release):
     config, out, _ = quick_release
     other = configs.load("demo_backbones", "quick")

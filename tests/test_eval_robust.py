@@ -116,6 +116,7 @@ def _files(folder):
     return {n: open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder))}
 
 
+@pytest.mark.slow
 def test_eval_killed_half_way_resumes_to_the_same_files(base_2s, corpus, tmp_path):
     """A real kill -9 of the CLI in the middle of the predictions, then the same command again."""
     argv = _eval_argv(base_2s, corpus["manifest"], "OUT", "--split", "both", "--constrained", "both")

@@ -105,6 +105,7 @@ def _trajectory(fault_dir):
     return {s: [l["ids"] for l in seq] for s, seq in out.items()}
 
 
+@pytest.mark.slow
 def test_kill_9_anywhere_then_resume_equals_an_uninterrupted_run(tiny_base, asr_manifest, tmp_path):
     straight_dir, straight_faults = str(tmp_path / "straight"), str(tmp_path / "straight_probes")
     res = subprocess.run(_worker(straight_faults, _curriculum_argv(tiny_base, asr_manifest, straight_dir)),

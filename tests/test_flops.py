@@ -5,7 +5,6 @@ import types
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from speechverse_jax.models import config as model_cfg_lib
@@ -53,8 +52,8 @@ def test_analytic_train_step_flops_agree_with_xla(combination, lora_rank):
     labels = opt_lib.label_params(traverse_util.unflatten_dict(params, sep="/"), [tuple(r) for r in rules])
     pick = lambda which: traverse_util.unflatten_dict({k: v for k, v in params.items() if labels[k] == which}, sep="/")  # noqa: E731
     frozen, trainable = pick(opt_lib.FREEZE), pick(opt_lib.TRAIN)
-    optim = train_cfg_lib.train_config().optim
-    tx, schedule = opt_lib.make_optimizer(optim)
+    train_config = train_cfg_lib.train_config()
+    tx, schedule = opt_lib.make_optimizer(train_config.optim, int(train_config.train.max_steps))
     state = jax.eval_shape(lambda p: init_state(p, tx, 0), trainable)
     b, samples, ins, tgt = 4, 16000, 24, 16
     batch = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),

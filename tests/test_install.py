@@ -37,6 +37,8 @@ def installed(tmp_path_factory):
     return {"site": site, "work": work, "run": run, "env": env}
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("install")
 def test_the_installed_copy_is_the_one_imported(installed):
     out = subprocess.run([sys.executable, "-c", "import speechverse_jax.configs as c; print(c.PACKAGE_DIR); "
                           "print(','.join(c.names()))"], cwd=str(installed["work"]), env=installed["env"],
@@ -46,6 +48,8 @@ def test_the_installed_copy_is_the_one_imported(installed):
             "prepare"} <= set(out[1].split(","))
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("install")
 def test_the_backbones_release_ships_whole(request):
     """The wheel carries demo/pretrained/ (package data): the installed copy passes its checksums."""
     installed = request.getfixturevalue("installed")
@@ -58,6 +62,8 @@ def test_the_backbones_release_ships_whole(request):
     assert folder.startswith(str(installed["site"])) and int(count) >= 5
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("install")
 def test_convert_only_demo_train_and_compile_only_run_from_outside_the_repo(installed):
     run, work = installed["run"], installed["work"]
     run("demo", "--profile", "convert-only", "--out", "demo")

@@ -33,6 +33,7 @@ def _rel_l2(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_and_checkpoint_restores(tiny_base, tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     port = _free_port()

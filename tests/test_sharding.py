@@ -6,9 +6,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import cached_env
 
 
+@pytest.mark.slow
 def test_meshes_give_the_same_losses_and_params(tiny_base, tmp_path):
     worker = os.path.join(os.path.dirname(__file__), "sharding_worker.py")
     env = cached_env()

@@ -14,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(__file__))
 needs_libtpu = pytest.mark.skipif(not aot.libtpu_available(), reason="libtpu is not installed (requirements/test.lock)")
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_small_model_compiles_for_a_tpu_topology():
     import sys

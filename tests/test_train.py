@@ -181,3 +181,22 @@ def test_bf16_compute_keeps_float32_trainables(tiny_base, tmp_path):
     assert len(train_rows) == 2 and all(np.isfinite(r["loss"]) for r in train_rows)
     assert "target_tokens_per_s" not in train_rows[0]  # step 1 is compilation
     assert train_rows[1]["target_tokens_per_s"] > 0 and train_rows[1]["audio_seconds_per_s"] > 0
+
+
+def test_the_schedule_follows_max_steps_unless_total_steps_is_set():
+    """`optim.total_steps` 0 (the default): the cosine ends at `train.max_steps`, so overriding
+    max_steps stretches it (before, a 950-step config run for 2,000 steps trained its last 1,050
+    at lr 0). A set total_steps wins: a run can stop early on a longer schedule."""
+    from speechverse_jax.train.optimizer import learning_rate_schedule
+
+    config = train_cfg_lib.train_config(max_steps=100, lr=1e-2, warmup_steps=10)
+    assert config.optim.total_steps == 0
+    for max_steps in (100, 400):
+        schedule = learning_rate_schedule(config.optim, max_steps)
+        assert float(schedule(10)) == pytest.approx(1e-2)
+        assert float(schedule(max_steps // 2)) > 1e-3 and float(schedule(max_steps)) == pytest.approx(0.0, abs=1e-9)
+    config.optim.total_steps = 400
+    assert float(learning_rate_schedule(config.optim, 100)(100)) > 5e-3  # mid-schedule at the run's end
+    config.optim.total_steps = 0
+    with pytest.raises(ValueError, match="train.max_steps"):
+        learning_rate_schedule(config.optim, 0)

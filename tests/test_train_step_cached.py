@@ -33,7 +33,7 @@ def parts(tiny_base):
     config.model.lora.dropout = 0.1  # dropout on (T5 dropout too): the step's rng must drive both paths alike
     config.model.t5_dropout_rate = 0.1
     setup = build_setup(config, log_fn=lambda *a: None)
-    tx, schedule = opt_lib.make_optimizer(config.optim)
+    tx, schedule = opt_lib.make_optimizer(config.optim, int(config.train.max_steps))
     step = jax.jit(make_train_step(setup.model, tx, schedule, num_tasks=2))
     state = init_state(setup.trainable, tx, seed=0)
     params = tree.merge(setup.trainable, setup.frozen)
@@ -58,6 +58,7 @@ def _rel(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
+@pytest.mark.slow
 def test_one_step_from_cached_states_equals_one_step_from_audio(parts):
     setup, step, state, encode = parts
     raw, cached = _batches(encode)

@@ -147,7 +147,7 @@ def lower_train_step(config, mesh, model_cfg=None, activation_constraints: bool 
     abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in flat.items()}
     frozen, trainable = opt_lib.split(tree_lib.unflatten(abstract), labels)[::-1]
 
-    tx, schedule = opt_lib.make_optimizer(config.optim)
+    tx, schedule = opt_lib.make_optimizer(config.optim, int(config.train.max_steps))
     init = jax.jit(lambda p: init_state(p, tx, 0)).lower(trainable).compile()
     state = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                    jax.eval_shape(lambda p: init_state(p, tx, 0), trainable), init.output_shardings)

@@ -43,7 +43,9 @@ def train_config(max_steps: int = 10000, lr: float = 1e-3, warmup_steps: int = 1
             max_consecutive_skips=10,  # non-finite steps in a row before the run stops
             tensorboard=True,
         ),
-        optim=dict(lr=lr, warmup_steps=warmup_steps, total_steps=max_steps, decay="cosine", final_lr_fraction=0.0,
+        # total_steps: the schedule's length; 0 follows train.max_steps (an override of max_steps
+        # stretches the schedule with it; a set value lets a run stop early on a longer schedule)
+        optim=dict(lr=lr, warmup_steps=warmup_steps, total_steps=0, decay="cosine", final_lr_fraction=0.0,
                    b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, clip_norm=1.0),
         # topology: the TPU topology a slice preset targets (compile-only checks), e.g. "v5e:4x4".
         mesh=dict(data=-1, fsdp=1, tensor=1, rules=[list(r) for r in DEFAULT_RULES], topology=""),

@@ -296,7 +296,7 @@ def train(config, workdir: str, data: TrainData, mesh=None, progress: bool = Tru
         fs.makedirs(fs.abs_path(workdir))
     setup = build_setup(config, mesh, log_fn=say)
     tcfg = config.train
-    tx, schedule = opt_lib.make_optimizer(config.optim)
+    tx, schedule = opt_lib.make_optimizer(config.optim, int(config.train.max_steps))
     n_tasks = max(len(data.task_names), 1)
     state = jax.jit(lambda p: init_state(p, tx, int(tcfg.seed)))(setup.trainable)
     say(f"optimizer state: {tree_lib.count(state.opt_state):,} values "

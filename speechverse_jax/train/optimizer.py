@@ -62,13 +62,16 @@ def describe(labels: Dict[str, str], params: Any) -> str:
     return f"params: {n_train:,} trainable, {n_all - n_train:,} frozen, {n_all:,} total"
 
 
-def learning_rate_schedule(optim) -> optax.Schedule:
-    """Linear warm-up to `optim.lr`, then `optim.decay` ('cosine' | 'linear' | 'constant' | 'rsqrt')."""
-    warmup, total, peak = int(optim.warmup_steps), int(optim.total_steps), float(optim.lr)
+def learning_rate_schedule(optim, max_steps: int = 0) -> optax.Schedule:
+    """Linear warm-up to `optim.lr`, then `optim.decay` ('cosine' | 'linear' | 'constant' | 'rsqrt')
+    over `optim.total_steps` steps, or `max_steps` (the run's `train.max_steps`) when that is 0."""
+    warmup, peak = int(optim.warmup_steps), float(optim.lr)
+    total = int(optim.total_steps) or int(max_steps)
     if peak <= 0:
         raise ValueError(f"optim.lr must be positive, got {peak}")
     if warmup < 0 or total <= 0:
-        raise ValueError(f"optim.warmup_steps must be >= 0 and optim.total_steps > 0, got {warmup}, {total}")
+        raise ValueError(f"optim.warmup_steps must be >= 0 and the schedule's length (optim.total_steps, or "
+                         f"train.max_steps when it is 0) > 0, got {warmup}, {total}")
     end = peak * float(optim.final_lr_fraction)
     decay_steps = max(total - warmup, 1)
     kind = optim.decay
@@ -87,9 +90,10 @@ def learning_rate_schedule(optim) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
-def make_optimizer(optim) -> Tuple[optax.GradientTransformation, optax.Schedule]:
-    """Global-norm clipping then AdamW (weight decay on matrices only) with the schedule."""
-    schedule = learning_rate_schedule(optim)
+def make_optimizer(optim, max_steps: int = 0) -> Tuple[optax.GradientTransformation, optax.Schedule]:
+    """Global-norm clipping then AdamW (weight decay on matrices only) with the schedule
+    (`learning_rate_schedule(optim, max_steps)`)."""
+    schedule = learning_rate_schedule(optim, max_steps)
     decay_mask = lambda tree: jax.tree_util.tree_map(lambda x: jnp.ndim(x) >= 2, tree)  # noqa: E731
     parts: List[optax.GradientTransformation] = []
     if optim.clip_norm and optim.clip_norm > 0:
