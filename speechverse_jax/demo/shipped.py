@@ -88,14 +88,23 @@ def check_gates(gates: Mapping[str, Mapping[str, Any]]) -> Dict[str, Dict[str, A
 
 
 def git_commit() -> str:
-    """The source tree's commit (HEAD), or 'unknown' outside a git checkout."""
+    """The source tree's commit (HEAD), with '+dirty' when tracked files under the package or configs/
+    differ from it (the release was made by uncommitted code), or 'unknown' outside a git checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=here, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "speechverse_jax",
+                                  "configs"], cwd=top or here, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     sha = out.stdout.strip()
-    return sha if out.returncode == 0 and len(sha) == 40 else "unknown"
+    if out.returncode != 0 or len(sha) != 40:
+        return "unknown"
+    # the release folder itself is written into the package before it is committed: not a code change
+    code = [line for line in changed.stdout.splitlines() if "/demo/pretrained/" not in line]
+    return sha + "+dirty" if changed.returncode == 0 and code else sha
 
 
 def machine_info() -> Dict[str, Any]:
