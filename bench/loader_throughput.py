@@ -127,7 +127,7 @@ def train_step_consumption(profile: str = "full", batch_size: int = 16, seconds:
     params = nn.unbox(init_params(model_cfg, jax.random.PRNGKey(0)))
     labels = opt_lib.label_params(params, [tuple(r) for r in demo.stage2_multitask.train.param_rules])
     trainable, frozen = opt_lib.split(params, labels)
-    tx, schedule = opt_lib.make_optimizer(demo.stage2_multitask.optim)
+    tx, schedule = opt_lib.make_optimizer(demo.stage2_multitask.optim, int(demo.stage2_multitask.train.max_steps))
     state = init_state(trainable, tx, 0)
     step = jax.jit(make_train_step(SpeechVerse(model_cfg), tx, schedule), donate_argnums=(0,))
     batch = random_batch(0, batch_size, int(seconds * 16000), 64, 32, vocab, min_fraction=1.0)

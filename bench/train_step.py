@@ -188,6 +188,7 @@ def optim_config():
 
     optim = train_cfg_lib.train_config(max_steps=1000, lr=LR, warmup_steps=0).optim
     optim.decay = "constant"
+    optim.total_steps = 1000  # the schedule stands alone here (no train section beside it)
     return optim
 
 

@@ -685,9 +685,11 @@ COLLAPSE_COSINE = 0.95
 
 def collapsed_answer_pieces(output_rows, tokenizer, prefix: str) -> Dict[str, Any]:
     """The pieces of the demo's answer labels (`corpus.answer_labels`) whose output row (`[vocab, d]`,
-    the logits' weights) has cosine >= COLLAPSE_COSINE with another row: an LLM cannot choose
-    between such pieces, whatever its adapters feed it. A piece no training target ever held ends
-    up there: its row only ever moves with every other unwritten piece's.
+    the logits' weights) has cosine >= COLLAPSE_COSINE with another row. A piece that no training
+    target ever held ends up there: its row only ever moves with every other unwritten piece's
+    (release 4's LM: the accents at 0.998 with each other, and AC answered one of them). Reported,
+    not gated: a trained pair can stay that close and still be told apart (release 6's `▁y` / `▁no`,
+    KWS 97%); the label-copy gate asks the functional question.
     -> {prefix + 'collapsed_answer_pieces': count, prefix + 'collapsed_answer_piece_names': [piece]}."""
     from speechverse_jax.demo.corpus import answer_labels
 

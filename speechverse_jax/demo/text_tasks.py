@@ -41,8 +41,8 @@ class TextTasks:
     `copy_stretched` repeats each spoken word 1-4 times in the input and asks for the plain
     sentence: audio frames are many per word, and the T5 should read such input too.
     `copy_labels` copies strings that mix the demo's answer words (`corpus.answer_words`: accents,
-    speech / non-speech, yes / no...) into corpus words: a model that never writes a piece keeps
-    that piece's output row at its untrained value, the same for every such piece. The
+    speech / non-speech, yes / no...) into corpus words: the output row of a piece that is never a
+    target only moves with every other such piece's, until they are one vector. The
     acoustic tasks (AC, SC, SNS) are left out: their text form carries no answer, and training on
     it would teach the T5 to ignore its input for those instructions.
     """
