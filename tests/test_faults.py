@@ -216,11 +216,11 @@ def _mount_tmpfs(path, size):
 def _fill(folder, leave):
     """Write a filler file until the disk is full, then free `leave` bytes."""
     path = os.path.join(folder, "filler")
-    with open(path, "wb") as f:
+    # Unbuffered: a buffered file keeps the bytes of a failed write and raises ENOSPC again on close.
+    with open(path, "wb", buffering=0) as f:
         try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
+            while f.write(b"\0" * 65536):
+                pass
         except OSError as e:
             assert e.errno == errno.ENOSPC
     with open(path, "r+b") as f:
