@@ -87,6 +87,9 @@ def paper_stage_config(stage: str, arg: Optional[str] = None) -> ml_collections.
     # backward pass from its input (docs/scale.md has the measurements)
     config.model.scan_layers = True
     config.model.remat = "full"
+    # the loss's LM head + softmax 32 answer positions at a time: [rows, 600, vocab] float32 logits
+    # (6.9 GiB per v5e chip at 24 rows with Llama 3's 128k vocabulary) never exist
+    config.model.loss_chunk = 32
     if slice_name is not None:
         slices.apply_slice(config, slice_name)
     return config

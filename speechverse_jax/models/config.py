@@ -47,6 +47,9 @@ def model_config(
             # stack; params stacked on a leading `layers` axis (converted checkpoints load either way).
             scan_layers=False,
             remat="none",  # per T5 block / LLM layer: none | full | dots_saveable | dots_with_no_batch_dims_saveable
+            # target (answer) positions per chunk of the training loss's LM head + softmax; 0 = all at
+            # once. Chunks are recomputed in the backward pass: [b, target, vocab] float32 logits never exist.
+            loss_chunk=0,
         )
     )
 
@@ -92,7 +95,7 @@ def build_model_config(
     shared = dict(layer_combination=model.layer_combination,
                   downsample_strides=tuple(int(s) for s in model.downsampler.strides),
                   downsample_kernel=int(model.downsampler.kernel_size), lora=_lora(model), dtype=model.dtype,
-                  frozen_param_dtype=model.frozen_param_dtype)
+                  frozen_param_dtype=model.frozen_param_dtype, loss_chunk=int(model.loss_chunk))
     if layout == "decoder":
         if llm_cfg is None:
             preset = str(model.llm_preset)

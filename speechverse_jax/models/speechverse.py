@@ -8,7 +8,7 @@ an example's outputs do not depend on how much padding its batch carries.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple, Optional, Tuple
+from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -37,8 +37,13 @@ class SpeechVerseConfig:
     frozen_param_dtype: str = "float32"  # storage of WavLM / T5 weights
     scan_layers: bool = False  # nn.scan over identical WavLM / T5 layers (params on a leading `layers` axis)
     remat: str = "none"  # per T5 block: none | full | dots_saveable | dots_with_no_batch_dims_saveable
+    # target positions per chunk of the training loss's LM head + softmax (0: all at once); a chunk's
+    # logits are recomputed in the backward pass, so `[b, target, vocab]` float32 logits never exist
+    loss_chunk: int = 0
 
     def __post_init__(self):
+        if int(self.loss_chunk) < 0:
+            raise ValueError(f"model.loss_chunk must be >= 0 (0: no chunking), got {self.loss_chunk}")
         if self.layer_combination not in LAYER_COMBINATIONS:
             raise ValueError(
                 f"model.layer_combination must be one of {LAYER_COMBINATIONS}, got {self.layer_combination!r}"
@@ -178,6 +183,27 @@ class SpeechVerse(nn.Module):
         enc, enc_mask = self.encode(audio_tokens, instruction_ids, instruction_mask, deterministic)
         return self.t5.decode(decoder_input_ids, enc, enc_mask, decoder_mask=decoder_mask, deterministic=deterministic)
 
+    def target_nll_from_hidden_states(self, hidden_states, frame_mask, instruction_ids, instruction_mask,
+                                      decoder_input_ids, target_ids, decoder_mask=None, deterministic: bool = True):
+        """Teacher-forced per-token NLL `[b, target_len]` (float32, unmasked) of `target_ids`: the
+        training loss. With `cfg.loss_chunk > 0` the LM head and the softmax run that many target
+        positions at a time (`chunked_token_nll`); the value is the same as from the logits."""
+        audio_tokens = self.adapt(hidden_states, frame_mask)
+        enc, enc_mask = self.encode(audio_tokens, instruction_ids, instruction_mask, deterministic)
+        chunk = int(self.cfg.loss_chunk)
+        if not chunk or chunk >= target_ids.shape[1]:
+            return token_nll(self.t5.decode(decoder_input_ids, enc, enc_mask, decoder_mask=decoder_mask,
+                                            deterministic=deterministic), target_ids)
+        h = self.t5.decode_hidden(decoder_input_ids, enc, enc_mask, decoder_mask, deterministic)
+        return chunked_token_nll(self, lambda mdl, x: mdl.t5.output_logits(x), h, target_ids, chunk)
+
+    def target_nll(self, audio, audio_mask, instruction_ids, instruction_mask, decoder_input_ids, target_ids,
+                   decoder_mask=None, deterministic: bool = True):
+        """From raw audio `[b, samples]`; see `target_nll_from_hidden_states`."""
+        hidden, frame_mask = self.encode_audio(audio, audio_mask)
+        return self.target_nll_from_hidden_states(hidden, frame_mask, instruction_ids, instruction_mask,
+                                                  decoder_input_ids, target_ids, decoder_mask, deterministic)
+
 
 def token_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> Tuple[jax.Array, jax.Array]:
     """Cross-entropy over target tokens only.
@@ -185,14 +211,45 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) 
     logits `[b, t, vocab]`, targets `[b, t]` int, mask `[b, t]` -> (mean loss over unmasked tokens,
     per-example summed loss `[b]`). Computed in float32.
     """
+    nll = jnp.where(mask, token_nll(logits, targets), 0.0)
+    per_example = nll.sum(-1)
+    return per_example.sum() / jnp.maximum(mask.sum(), 1), per_example
+
+
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """logits `[..., vocab]`, int targets `[...]` -> negative log-likelihood `[...]` in float32."""
     logits = logits.astype(jnp.float32)
     # The target logit picked by a one-hot compare rather than take_along_axis, whose backward
     # scatters into a zero [b, t, vocab] buffer (measured 2-4% of a CPU train step).
     is_target = jnp.arange(logits.shape[-1]) == targets[..., None].astype(jnp.int32)
     target_logit = jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
-    nll = jnp.where(mask, jax.nn.logsumexp(logits, axis=-1) - target_logit, 0.0)
-    per_example = nll.sum(-1)
-    return per_example.sum() / jnp.maximum(mask.sum(), 1), per_example
+    return jax.nn.logsumexp(logits, axis=-1) - target_logit
+
+
+def chunked_token_nll(module: nn.Module, head: Callable[[nn.Module, jax.Array], jax.Array], hidden: jax.Array,
+                      targets: jax.Array, chunk: int) -> jax.Array:
+    """Per-token NLL `[b, t]` (float32) from final hidden states `[b, t, d]`, `chunk` positions at a
+    time: `head(module, h [b, chunk, d]) -> logits [b, chunk, vocab]` runs under `nn.scan` and
+    `nn.remat`, so only one chunk's logits exist at once, in the forward and the backward pass
+    (recomputed there), instead of `[b, t, vocab]` in float32 and its gradient. Same value as
+    `token_nll(head(module, hidden), targets)`; positions past `t` (padding to a whole chunk) are dropped.
+    """
+    b, t, d = hidden.shape
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets.astype(jnp.int32), ((0, 0), (0, pad)))
+    xs = (jnp.swapaxes(hidden.reshape(b, n, chunk, d), 0, 1), jnp.swapaxes(targets.reshape(b, n, chunk), 0, 1))
+
+    def one_chunk(mdl, carry, chunk_xs):
+        h, tgt = chunk_xs
+        logits = constrain(head(mdl, h), ("batch", "length", "vocab"))
+        return carry, token_nll(logits, tgt)
+
+    scan = nn.scan(nn.remat(one_chunk, prevent_cse=False), variable_broadcast="params",
+                   split_rngs={"params": False, "dropout": True}, in_axes=0, out_axes=0, length=n)
+    _, nll = scan(module, None, xs)  # [n, b, chunk]
+    return jnp.swapaxes(nll, 0, 1).reshape(b, n * chunk)[:, :t]
 
 
 def init_params(cfg: SpeechVerseConfig, rng: jax.Array, batch: int = 1, samples: int = 16000, text_len: int = 8) -> Any:

@@ -39,7 +39,8 @@ from speechverse_jax import rules, tree
 from speechverse_jax.models.decoder_lm import DecoderLM, DecoderLMConfig
 from speechverse_jax.models.downsampler import LAYER_COMBINATIONS, Downsampler, LayerCombination
 from speechverse_jax.models.layers import LoRAConfig, constrain
-from speechverse_jax.models.speechverse import DTYPES, AudioEmbeddings, token_cross_entropy
+from speechverse_jax.models.speechverse import (DTYPES, AudioEmbeddings, chunked_token_nll, token_cross_entropy,
+                                                 token_nll)
 from speechverse_jax.models.wavlm import WavLM, WavLMConfig
 
 AUDIO_PLACEHOLDER = "<|audio|>"
@@ -64,11 +65,16 @@ class SpeechVerseDecoderConfig:
     # nn.scan over the LLM's layers and WavLM's layers 1..L-1 (params on a leading `layers` axis:
     # `llm/layers/...`, `wavlm/encoder/layers/...`; `models/scan_layout.py` converts)
     scan_layers: bool = False
+    # answer positions per chunk of the training loss's LM head + softmax (0: all at once); a chunk's
+    # logits are recomputed in the backward pass, so `[b, answer, vocab]` float32 logits never exist
+    loss_chunk: int = 0
 
     def __post_init__(self):
         from speechverse_jax.models.layers import remat_policy
 
         remat_policy(self.remat)  # raises on an unknown name
+        if int(self.loss_chunk) < 0:
+            raise ValueError(f"model.loss_chunk must be >= 0 (0: no chunking), got {self.loss_chunk}")
         if self.layer_combination not in LAYER_COMBINATIONS:
             raise ValueError(
                 f"model.layer_combination must be one of {LAYER_COMBINATIONS}, got {self.layer_combination!r}")
@@ -228,6 +234,12 @@ class SpeechVerseDecoder(nn.Module):
             next_is_answer = jnp.concatenate([packed.segments[:, 1:] == ANSWER,
                                               jnp.zeros_like(packed.mask[:, :1])], axis=1)
             return logits, jnp.maximum(targets, 0), next_is_answer
+        picked, targets, mask = self._answer_hidden(packed, answer_ids, answer_mask, left_pad, deterministic)
+        return constrain(self.llm.logits(picked), ("batch", "length", "vocab")), targets, mask
+
+    def _answer_hidden(self, packed: Packed, answer_ids, answer_mask, left_pad: bool, deterministic: bool):
+        """-> (final hidden states `[b, A, d]` of the positions that predict answer token j, targets
+        `[b, A]`, loss mask `[b, A]`)."""
         x = self.llm.final_hidden(packed.embeddings, packed.mask, deterministic=deterministic)  # [b, T, d]
         total = x.shape[1]
         # array index of the first answer token: pads (left padding only) + prefix, audio, suffix items
@@ -237,9 +249,30 @@ class SpeechVerseDecoder(nn.Module):
         # answer token j sits at before + j; the position before it predicts it
         where = before[:, None] - 1 + jnp.arange(answer_ids.shape[1])[None, :]  # [b, A]
         picked = jnp.take_along_axis(x, jnp.clip(where, 0, total - 1)[..., None], axis=1)
-        logits = constrain(self.llm.logits(picked), ("batch", "length", "vocab"))
         mask = answer_mask.astype(bool) & (where >= 0)
-        return logits, jnp.where(mask, answer_ids.astype(jnp.int32), 0), mask
+        return picked, jnp.where(mask, answer_ids.astype(jnp.int32), 0), mask
+
+    def answer_nll_from_hidden_states(self, hidden_states, frame_mask, prefix_ids, prefix_mask, suffix_ids,
+                                      suffix_mask, answer_ids, answer_mask, left_pad: bool = False,
+                                      deterministic: bool = True):
+        """Teacher-forced -> (per-token NLL `[b, A]` float32, loss mask `[b, A]`) of the answer
+        tokens: the training loss. With `cfg.loss_chunk > 0` the LM head and the softmax run that
+        many answer positions at a time (`chunked_token_nll`); the value is the same."""
+        packed = self.pack(self.adapt(hidden_states, frame_mask), prefix_ids, prefix_mask, suffix_ids, suffix_mask,
+                           answer_ids, answer_mask, left_pad)
+        picked, targets, mask = self._answer_hidden(packed, answer_ids, answer_mask, left_pad, deterministic)
+        if self.cfg.loss_chunk and self.cfg.loss_chunk < picked.shape[1]:
+            nll = chunked_token_nll(self, lambda mdl, h: mdl.llm.logits(h), picked, targets, int(self.cfg.loss_chunk))
+        else:
+            nll = token_nll(constrain(self.llm.logits(picked), ("batch", "length", "vocab")), targets)
+        return jnp.where(mask, nll, 0.0), mask
+
+    def answer_nll(self, audio, audio_mask, prefix_ids, prefix_mask, suffix_ids, suffix_mask, answer_ids,
+                   answer_mask, left_pad: bool = False, deterministic: bool = True):
+        """From raw audio `[b, samples]`; see `answer_nll_from_hidden_states`."""
+        hidden, frame_mask = self.encode_audio(audio, audio_mask)
+        return self.answer_nll_from_hidden_states(hidden, frame_mask, prefix_ids, prefix_mask, suffix_ids,
+                                                  suffix_mask, answer_ids, answer_mask, left_pad, deterministic)
 
     def __call__(self, audio, audio_mask, prefix_ids, prefix_mask, suffix_ids, suffix_mask, answer_ids, answer_mask,
                  left_pad: bool = False, deterministic: bool = True, logits_at: str = "answer"):

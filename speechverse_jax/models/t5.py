@@ -600,17 +600,23 @@ class T5(nn.Module):
         """Encoder over embeddings `[b, s, d]` with mask `[b, s]` -> `[b, s, d]`."""
         return self.encoder(inputs_embeds, attention_mask, deterministic=deterministic)
 
-    def _logits(self, hidden: jax.Array) -> jax.Array:
+    def output_logits(self, hidden: jax.Array) -> jax.Array:
+        """Final decoder states `[..., d_model]` -> logits `[..., vocab]`."""
         if self.cfg.tie_word_embeddings:
             return self.shared.attend(hidden * (self.cfg.d_model ** -0.5))
         return self.lm_head(hidden)
 
+    def decode_hidden(self, decoder_input_ids: jax.Array, encoder_hidden: jax.Array, encoder_mask: jax.Array,
+                      decoder_mask: Optional[jax.Array] = None, deterministic: bool = True) -> jax.Array:
+        """Teacher-forced causal decoder -> final states `[b, t, d_model]` (before the LM head)."""
+        x = self.embed(decoder_input_ids)
+        return self.decoder(x, decoder_mask, encoder_hidden, encoder_mask, deterministic=deterministic)
+
     def decode(self, decoder_input_ids: jax.Array, encoder_hidden: jax.Array, encoder_mask: jax.Array,
                decoder_mask: Optional[jax.Array] = None, deterministic: bool = True) -> jax.Array:
         """Teacher-forced causal decoder -> logits `[b, t, vocab]`."""
-        x = self.embed(decoder_input_ids)
-        h = self.decoder(x, decoder_mask, encoder_hidden, encoder_mask, deterministic=deterministic)
-        return constrain(self._logits(h), ("batch", "length", "vocab"))
+        h = self.decode_hidden(decoder_input_ids, encoder_hidden, encoder_mask, decoder_mask, deterministic)
+        return constrain(self.output_logits(h), ("batch", "length", "vocab"))
 
     def __call__(self, inputs_embeds: Optional[jax.Array] = None, input_ids: Optional[jax.Array] = None,
                  attention_mask: Optional[jax.Array] = None, decoder_input_ids: Optional[jax.Array] = None,
@@ -669,4 +675,4 @@ class T5(nn.Module):
         if output_embedding is not None:
             logits = jnp.einsum("nd,vd->nv", h[:, 0].astype(self.dtype), output_embedding)
             return constrain(logits, ("batch", "vocab")), cache
-        return self._logits(h)[:, 0], cache
+        return self.output_logits(h)[:, 0], cache

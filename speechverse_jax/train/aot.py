@@ -404,6 +404,7 @@ def compile_train_step(config, log_fn=print, compiler_options: Optional[Dict[str
         "micro_batch_per_shard": b // info["accum_steps"] // (mesh.shape["data"] * mesh.shape["fsdp"]),
         "scan_layers": bool(config.model.scan_layers),
         "remat": str(config.model.remat),
+        "loss_chunk": int(config.model.loss_chunk),
         "params": info["params"],
         "per_device_bytes": info["per_device_bytes"],
         # wall seconds, and the process's CPU seconds (all threads; steadier on a shared machine)
@@ -453,7 +454,7 @@ def format_report(r: Dict[str, Any]) -> str:
         f"audio {r['batch']['audio_samples'] / SAMPLE_RATE:g} s, instruction {r['batch']['instruction_len']}, "
         f"target {r['batch']['target_len']} tokens), accum_steps {r['accum_steps']} "
         f"(micro-batch {r.get('micro_batch_per_shard', '?')} rows per (data, fsdp) shard); "
-        f"scan_layers={r.get('scan_layers')}, remat={r.get('remat')}",
+        f"scan_layers={r.get('scan_layers')}, remat={r.get('remat')}, loss_chunk={r.get('loss_chunk', 0)}",
         f"  params: {r['params']['frozen']:,} frozen, {r['params']['trainable']:,} trainable",
         f"  lowered in {r['compile_seconds']['lower']} s, compiled in {r['compile_seconds']['compile']} s wall"
         f" ({r['compile_seconds'].get('compile_cpu', '?')} s CPU)",

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from speechverse_jax.models.composed import layout_of
-from speechverse_jax.models.speechverse import SpeechVerse, token_cross_entropy
+from speechverse_jax.models.speechverse import SpeechVerse
 from speechverse_jax.models.speechverse_decoder import SpeechVerseDecoder
 from speechverse_jax.models.t5 import shift_right
 from speechverse_jax.tree import merge
@@ -44,13 +44,14 @@ def init_state(trainable: Any, tx: optax.GradientTransformation, seed: int) -> T
     )
 
 
-def _forward(model, params: Any, batch: Batch, deterministic: bool, rng=None):
-    """Teacher-forced (logits `[b, t, vocab]`, targets `[b, t]`, loss mask `[b, t]`) from raw audio
-    or from cached encoder states (`hidden_states`), for either layout.
+def _token_nll(model, params: Any, batch: Batch, deterministic: bool, rng=None):
+    """Teacher-forced (per-token NLL `[b, t]` float32, loss mask `[b, t]`) from raw audio or from
+    cached encoder states (`hidden_states`), for either layout.
 
     T5: the decoder reads `target_ids` shifted right; targets are `target_ids` under `target_mask`.
     Decoder-only: `[prefix_ids | audio | instruction_ids | target_ids]` packed with right padding;
-    the loss is on the positions that predict a target (answer) token, EOS included.
+    the loss is on the positions that predict a target (answer) token, EOS included, with the LM
+    head run `model.loss_chunk` positions at a time when set.
     """
     rngs = None if deterministic else {"dropout": rng}
     cached = "hidden_states" in batch  # [b, L+1, frames, dim], cached frozen-encoder outputs
@@ -60,13 +61,15 @@ def _forward(model, params: Any, batch: Batch, deterministic: bool, rng=None):
         return model.apply({"params": params}, *audio, batch["prefix_ids"], batch["prefix_mask"],
                            batch["instruction_ids"], batch["instruction_mask"], batch["target_ids"],
                            batch["target_mask"], False, deterministic, rngs=rngs,
-                           method=SpeechVerseDecoder.from_hidden_states if cached else SpeechVerseDecoder.__call__)
+                           method=(SpeechVerseDecoder.answer_nll_from_hidden_states if cached
+                                   else SpeechVerseDecoder.answer_nll))
     t5 = model.cfg.t5
     dec_in = shift_right(batch["target_ids"], t5.decoder_start_token_id, t5.pad_token_id)
-    logits = model.apply({"params": params}, *audio, batch["instruction_ids"], batch["instruction_mask"], dec_in,
-                         batch["target_mask"], deterministic, rngs=rngs,
-                         method=SpeechVerse.from_hidden_states if cached else SpeechVerse.__call__)
-    return logits, batch["target_ids"], batch["target_mask"].astype(bool)
+    nll = model.apply({"params": params}, *audio, batch["instruction_ids"], batch["instruction_mask"], dec_in,
+                      batch["target_ids"], batch["target_mask"], deterministic, rngs=rngs,
+                      method=SpeechVerse.target_nll_from_hidden_states if cached else SpeechVerse.target_nll)
+    mask = batch["target_mask"].astype(bool)
+    return jnp.where(mask, nll, 0.0), mask
 
 
 def _token_mask(batch: Batch, mask: jax.Array) -> jax.Array:
@@ -77,9 +80,9 @@ def _token_mask(batch: Batch, mask: jax.Array) -> jax.Array:
 
 def _loss_sums(model, params, batch, deterministic, rng, num_tasks):
     """(summed NLL, token count, per-task NLL sums [num_tasks], per-task token counts)."""
-    logits, targets, mask = _forward(model, params, batch, deterministic, rng)
+    nll, mask = _token_nll(model, params, batch, deterministic, rng)
     mask = _token_mask(batch, mask)
-    _, per_example = token_cross_entropy(logits, targets, mask)
+    per_example = jnp.where(mask, nll, 0.0).sum(-1)
     tokens = mask.sum(-1)
     task = batch.get("task_id", jnp.zeros(per_example.shape, jnp.int32))
     task_nll = jax.ops.segment_sum(per_example, task, num_segments=num_tasks)
