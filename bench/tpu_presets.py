@@ -4,8 +4,9 @@ full-size train step (stage2_multitask, the largest bucket shapes of the data co
 for the preset's topology with a peak under 90% of the chip's HBM, at the paper's global batch 768.
 
     python bench/tpu_presets.py --presets v5e-16,v6e-8,v5p-32 --micro 16,12,8 --out-dir bench/results
-    # the decoder-only layout on a Llama 3.2 3B preset (report: compile_v5e-16_llama-3.2-3b.json)
-    python bench/tpu_presets.py --presets v5e-16 --micro 24,16,12,8 --tag _llama-3.2-3b \
+    # the decoder-only layout on Llama 3.2 3B (report: compile_v5e-16_llama-3.2-3b_chunked.json; with
+    # the full-size configs' attention_chunk and loss_chunk it fits at the T5 preset's 24 rows)
+    python bench/tpu_presets.py --presets v5e-16 --micro 48,24 --tag _llama-3.2-3b_chunked \
         --extra "--config.model.layout=decoder --config.model.llm_preset=llama-3.2-3b"
 
 Each candidate is compiled in its own process (`speechverse-jax train ... --compile-only

@@ -114,3 +114,60 @@ def test_a_negative_chunk_is_refused():
         dataclasses.replace(_t5_cfg(), loss_chunk=-1)
     with pytest.raises(ValueError, match="model.loss_chunk"):
         dataclasses.replace(_decoder_cfg("llama"), loss_chunk=-2)
+
+
+@pytest.mark.parametrize("family,scan", [("llama", False), ("gemma2", True)])
+def test_chunked_attention_gives_the_same_logits_gradients_and_generations(family, scan):
+    """`model.attention_chunk`: queries 4 at a time (11 positions padded to 12), left padding on one
+    row; gemma2 adds the sliding window and the attention soft-cap, scanned layers under remat."""
+    from speechverse_jax.decode.generate import GenerateConfig
+    from speechverse_jax.decode.generate_decoder import generate_lm
+    from speechverse_jax.models.decoder_lm import DecoderLM
+
+    cfg = DecoderLMConfig.from_hf(dict(hf_tiny.TINY_DECODER_LMS[family], model_type=family, vocab_size=96,
+                                       **({"sliding_window": 5} if family == "gemma2" else {})))
+    lora = LoRAConfig(rank=2, alpha=4.0)
+    kw = dict(lora=lora, scan_layers=scan, remat="full" if scan else "none")
+    ids = jax.random.randint(jax.random.PRNGKey(1), (2, 11), 0, cfg.vocab_size)
+    mask = jnp.ones((2, 11), bool).at[0, :3].set(False)
+    params = nn.unbox(DecoderLM(cfg, **kw).init(jax.random.PRNGKey(0), input_ids=ids)["params"])
+    params = jax.tree_util.tree_map_with_path(lambda p, x: x + 0.05 if str(p[-1].key) == "lora_b" else x, params)
+    weights = jax.random.normal(jax.random.PRNGKey(2), (2, 11, cfg.vocab_size))
+
+    def run(chunk):
+        model = DecoderLM(cfg, attention_chunk=chunk, **kw)
+
+        def loss(p):
+            logits = model.apply({"params": p}, input_ids=ids, attention_mask=mask).logits
+            return jnp.sum(jnp.where(mask[..., None], logits * weights, 0.0)), logits
+
+        (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        prompt = model.apply({"params": params}, ids, method=DecoderLM.embed)
+        out = generate_lm(DecoderLM(cfg, lora=lora, scan_layers=scan, attention_chunk=chunk), params, prompt, mask,
+                          GenerateConfig(max_new_tokens=5), eos_token_id=-1)
+        return np.asarray(logits), tree.flatten(grads), np.asarray(out.tokens)
+
+    logits, grads, tokens = run(0)
+    got_logits, got_grads, got_tokens = run(4)
+    real = np.asarray(mask)
+    np.testing.assert_allclose(got_logits[real], logits[real], rtol=1e-5, atol=1e-5)
+    for k in grads:  # sums over the chunks in another order: compared at the scale of each array
+        np.testing.assert_allclose(got_grads[k], grads[k], rtol=0, atol=1e-5 * np.abs(grads[k]).max() + 1e-9,
+                                   err_msg=k)
+    np.testing.assert_array_equal(got_tokens, tokens)
+
+
+def test_chunked_attention_compiles_to_less_temporary_memory():
+    """The decoder-only step at a 160-position packed sequence: whole attention holds float32 scores
+    `[b, heads, T, T]` (and their gradient); chunks of 32 queries hold a fifth of them."""
+    cfg = _decoder_cfg("llama")
+    params = _params(cfg)
+    batch = _batch(cfg, target_len=8, frames=600)  # 600 frames -> 150 audio tokens
+    whole, _, mem_whole = _loss_and_grads(cfg, params, batch)
+    chunked, _, mem_chunked = _loss_and_grads(dataclasses.replace(cfg, attention_chunk=32), params, batch)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5)
+    t = 3 + 150 + 5 + 8
+    scores = 3 * cfg.llm.num_attention_heads * t * t * 4
+    print(f"temporaries {mem_whole.temp_size_in_bytes / 1e6:.2f} MB whole attention, "
+          f"{mem_chunked.temp_size_in_bytes / 1e6:.2f} MB in chunks of 32 (one layer's scores {scores / 1e6:.2f} MB)")
+    assert mem_chunked.temp_size_in_bytes < mem_whole.temp_size_in_bytes - scores

@@ -87,9 +87,12 @@ def paper_stage_config(stage: str, arg: Optional[str] = None) -> ml_collections.
     # backward pass from its input (docs/scale.md has the measurements)
     config.model.scan_layers = True
     config.model.remat = "full"
-    # the loss's LM head + softmax 32 answer positions at a time: [rows, 600, vocab] float32 logits
-    # (6.9 GiB per v5e chip at 24 rows with Llama 3's 128k vocabulary) never exist
+    # the loss's LM head + softmax 32 target positions at a time, and (decoder-only LLMs) the
+    # self-attention 256 queries at a time: neither [rows, target, vocab] logits nor [rows, heads,
+    # T, T] scores exist whole. Llama-3.2-3B on v5e-16 at 24 rows: 19.32G of temporaries (does not
+    # fit) -> 12.47 GiB peak (docs/decoder_llms.md)
     config.model.loss_chunk = 32
+    config.model.attention_chunk = 256
     if slice_name is not None:
         slices.apply_slice(config, slice_name)
     return config

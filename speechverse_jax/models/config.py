@@ -50,6 +50,9 @@ def model_config(
             # target (answer) positions per chunk of the training loss's LM head + softmax; 0 = all at
             # once. Chunks are recomputed in the backward pass: [b, target, vocab] float32 logits never exist.
             loss_chunk=0,
+            # decoder-only LLM: queries per chunk of self-attention (0: all at once); one chunk's float32
+            # scores [b, heads, chunk, T] exist at a time instead of [b, heads, T, T]. The T5 ignores it.
+            attention_chunk=0,
         )
     )
 
@@ -104,7 +107,8 @@ def build_model_config(
             llm_cfg = DecoderLMConfig.from_hf(presets.DECODER_LM[preset])
         # `model.scan_layers` scans the LLM's layers and WavLM's; `model.remat` applies to each LLM layer
         return SpeechVerseDecoderConfig(wavlm=wavlm_cfg, llm=llm_cfg, remat=str(model.remat),
-                                        scan_layers=bool(model.scan_layers), **shared)
+                                        scan_layers=bool(model.scan_layers),
+                                        attention_chunk=int(model.attention_chunk), **shared)
     t5_cfg = llm_cfg
     if t5_cfg is None:
         if model.t5_preset not in presets.T5:

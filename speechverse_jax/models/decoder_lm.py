@@ -419,12 +419,18 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """GQA self-attention with RoPE; q `[b, t, H, D]` reads KV head `h // (H / KV)`."""
+    """GQA self-attention with RoPE; q `[b, t, H, D]` reads KV head `h // (H / KV)`.
+
+    `attention_chunk` > 0: queries are processed that many at a time (`jax.lax.map`, each chunk
+    under `jax.checkpoint`), so the float32 scores `[b, H, chunk, s]` of one chunk exist at a time,
+    in the forward and the backward pass, instead of `[b, H, t, s]`. Exact: each query's softmax
+    runs over all its keys either way."""
 
     cfg: DecoderLMConfig
     lora: Optional[LoRAConfig] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_chunk: int = 0
 
     def setup(self):
         c = self.cfg
@@ -456,12 +462,26 @@ class Attention(nn.Module):
         b, t, _, d = q.shape
         g = c.num_groups
         qg = q.reshape(b, t, c.num_key_value_heads, g, d)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(self.dtype), preferred_element_type=jnp.float32)
-        scores = softcap(scores * c.attention_scale, c.attn_logit_softcapping)
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", weights, v.astype(self.dtype)).reshape(b, t, -1)
-        return self.o(out, deterministic)
+        k, v = k.astype(self.dtype), v.astype(self.dtype)
+
+        def core(qg, mask):  # [b, t', KV, g, D], [b, t', s] -> [b, t', KV, g, D]
+            scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+            scores = softcap(scores * c.attention_scale, c.attn_logit_softcapping)
+            scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+            weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+            return jnp.einsum("bkgts,bskd->btkgd", weights, v)
+
+        chunk = int(self.attention_chunk)
+        if not chunk or t <= chunk:
+            return self.o(core(qg, mask).reshape(b, t, -1), deterministic)
+        n = -(-t // chunk)
+        pad = n * chunk - t  # padded queries see no key (mask False): their rows are dropped below
+        qc = jnp.pad(qg, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0))).reshape((b, n, chunk) + qg.shape[2:])
+        mc = jnp.pad(mask, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, mask.shape[-1])
+        out = jax.lax.map(lambda xs: jax.checkpoint(core, prevent_cse=False)(*xs),
+                          (jnp.moveaxis(qc, 1, 0), jnp.moveaxis(mc, 1, 0)))  # [n, b, chunk, KV, g, D]
+        out = jnp.moveaxis(out, 0, 1).reshape((b, n * chunk) + qg.shape[2:])[:, :t]
+        return self.o(out.reshape(b, t, -1), deterministic)
 
 
     def attend_beams(self, q: jax.Array, pk: jax.Array, pv: jax.Array, gk: jax.Array, gv: jax.Array,
@@ -520,13 +540,14 @@ class Layer(nn.Module):
     lora: Optional[LoRAConfig] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_chunk: int = 0
 
     def setup(self):
         c = self.cfg
         kw = dict(lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype)
         nkw = dict(epsilon=c.rms_norm_eps, gemma=c.is_gemma, dtype=self.dtype, param_dtype=self.param_dtype)
         self.input_norm = RMSNorm(**nkw)
-        self.self_attention = Attention(c, **kw)
+        self.self_attention = Attention(c, attention_chunk=self.attention_chunk, **kw)
         self.post_attention_norm = RMSNorm(**nkw)
         if c.is_gemma:
             self.pre_mlp_norm = RMSNorm(**nkw)
@@ -654,6 +675,7 @@ class DecoderLM(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: str = "none"
     scan_layers: bool = False
+    attention_chunk: int = 0  # queries per attention chunk in the layers (`Attention`); 0: all at once
 
     def setup(self):
         c = self.cfg
@@ -663,6 +685,7 @@ class DecoderLM(nn.Module):
             dtype=self.dtype, param_dtype=self.param_dtype,
         )
         kw = dict(lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype)
+        layer_kw = dict(kw, attention_chunk=self.attention_chunk)
         # Layer.__call__(self, x, cos, sin, mask, deterministic): `deterministic` (5) is static
         if self.scan_layers:
             # ScanLayer.__call__(self, x, xs, consts, mode, deterministic): mode and deterministic static
@@ -671,10 +694,10 @@ class DecoderLM(nn.Module):
                 layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_hidden_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(c, 0, **kw)
+            )(c, 0, **layer_kw)
         else:
             layer = layer_class(Layer, self.remat, static_argnums=(5,))
-            self.layers = [layer(c, i, **kw) for i in range(c.num_hidden_layers)]
+            self.layers = [layer(c, i, **layer_kw) for i in range(c.num_hidden_layers)]
         self.final_norm = RMSNorm(c.rms_norm_eps, gemma=c.is_gemma, dtype=self.dtype, param_dtype=self.param_dtype)
         if not c.tie_word_embeddings:
             self.lm_head = Dense(c.vocab_size, ("embed", "vocab"), **kw)

@@ -68,13 +68,17 @@ class SpeechVerseDecoderConfig:
     # answer positions per chunk of the training loss's LM head + softmax (0: all at once); a chunk's
     # logits are recomputed in the backward pass, so `[b, answer, vocab]` float32 logits never exist
     loss_chunk: int = 0
+    # queries per chunk of the LLM's self-attention (0: all at once): the float32 scores
+    # `[b, heads, chunk, T]` of one chunk exist at a time instead of `[b, heads, T, T]`
+    attention_chunk: int = 0
 
     def __post_init__(self):
         from speechverse_jax.models.layers import remat_policy
 
         remat_policy(self.remat)  # raises on an unknown name
-        if int(self.loss_chunk) < 0:
-            raise ValueError(f"model.loss_chunk must be >= 0 (0: no chunking), got {self.loss_chunk}")
+        for field in ("loss_chunk", "attention_chunk"):
+            if int(getattr(self, field)) < 0:
+                raise ValueError(f"model.{field} must be >= 0 (0: no chunking), got {getattr(self, field)}")
         if self.layer_combination not in LAYER_COMBINATIONS:
             raise ValueError(
                 f"model.layer_combination must be one of {LAYER_COMBINATIONS}, got {self.layer_combination!r}")
@@ -93,7 +97,7 @@ class SpeechVerseDecoderConfig:
     def lm(self) -> DecoderLM:
         """The LLM module inside `SpeechVerseDecoder(self)`, to run with `params['llm']`."""
         return DecoderLM(self.llm, lora=self.lora, dtype=self.compute_dtype, param_dtype=DTYPES[self.frozen_param_dtype],
-                         scan_layers=self.scan_layers)
+                         scan_layers=self.scan_layers, attention_chunk=int(self.attention_chunk))
 
 
 # ---- host side: prompt text -> token ids ---------------------------------------------------------
@@ -184,7 +188,7 @@ class SpeechVerseDecoder(nn.Module):
         self.downsampler = Downsampler(features=cfg.llm.hidden_size, strides=tuple(cfg.downsample_strides),
                                        kernel_size=cfg.downsample_kernel, dtype=dtype)
         self.llm = DecoderLM(cfg.llm, lora=cfg.lora, dtype=dtype, param_dtype=frozen, remat=cfg.remat,
-                             scan_layers=cfg.scan_layers)
+                             scan_layers=cfg.scan_layers, attention_chunk=int(cfg.attention_chunk))
 
     def encode_audio(self, audio: jax.Array, audio_mask: jax.Array):
         """Frozen WavLM: audio `[b, samples]` -> (L+1 hidden states `[b, frames, dim]`, frame mask)."""
