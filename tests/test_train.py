@@ -149,13 +149,13 @@ def test_stage1_checkpoint_grafts_into_stage2_with_identical_outputs(tiny_base, 
     lora = {k for k in _flat(setup2.trainable) if "/lora_" in k}
     assert lora and all(not _flat(setup2.trainable)[k].any() for k in lora if k.endswith("lora_b"))
     batch = tiny_data().eval_batches()[0]
-    from speechverse_jax.train.step import _forward
+    from speechverse_jax.train.step import _token_nll
 
-    def logits(setup):
+    def token_nll(setup):  # the per-token loss of the teacher-forced targets
         params = tree_lib.merge(setup.trainable, setup.frozen)
-        return np.asarray(_forward(setup.model, params, {k: jax.numpy.asarray(v) for k, v in batch.items()}, True)[0])
+        return np.asarray(_token_nll(setup.model, params, {k: jax.numpy.asarray(v) for k, v in batch.items()}, True)[0])
 
-    np.testing.assert_array_equal(logits(setup1), logits(setup2))
+    np.testing.assert_array_equal(token_nll(setup1), token_nll(setup2))
 
 
 def test_gradient_accumulation_matches_one_big_batch(tiny_base, tmp_path):
