@@ -5,7 +5,7 @@ model unsharded. Prints one JSON line."""
 import json
 import os
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from conftest import FAST_COMPILE_FLAGS
 from speechverse_jax import configs
 from speechverse_jax.models import config as model_cfg_lib
 from speechverse_jax.train import flops
@@ -22,7 +23,7 @@ def test_full_size_step_compiles_for_a_mesh_and_reports(tmp_path):
            "--workdir", str(out), "--compile-only", "--compile-target=cpu", "--config.mesh.data=2", "--config.mesh.fsdp=4",
            "--config.data.batch_size=8", "--config.data.audio_buckets_seconds=(4.0,)",
            "--config.data.instruction_buckets=(32,)", "--config.data.target_buckets=(16,)"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE_FLAGS)  # no forced device count
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env,
                          cwd=os.path.dirname(os.path.dirname(__file__)))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

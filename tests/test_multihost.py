@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import FAST_COMPILE_FLAGS
 from speechverse_jax.train import distributed
 
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
@@ -35,7 +36,7 @@ def _rel_l2(a, b) -> float:
 
 @pytest.mark.slow
 def test_two_processes_match_one_process_and_checkpoint_restores(tiny_base, tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE_FLAGS)  # no forced device count
     port = _free_port()
     multi_dir = str(tmp_path / "two_processes")
     procs = [subprocess.Popen([sys.executable, WORKER, tiny_base, multi_dir, "2", str(i), str(port)], env=env,
