@@ -103,7 +103,7 @@ def cached_states(cfg, seed=0, b=B, frames=FRAMES):
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_answer_only_logits_give_the_full_sequence_loss(family):
     """The default (`logits_at='answer'`) against logits over the whole packed sequence, right and
-    left padding: the same loss (within 1e-6), per-example sums and gradients."""
+    left padding: the same loss (within 1e-6), per-example sums and gradients (5e-5 of the largest)."""
     cfg = model_cfg(family)
     model = SpeechVerseDecoder(cfg)
     trainable, frozen = params_for(cfg)
@@ -137,7 +137,9 @@ def test_answer_only_logits_give_the_full_sequence_loss(family):
         np.testing.assert_allclose(per, ref_per, rtol=1e-6, atol=1e-6, err_msg=str(key))
         for k, g in ref_grads.items():
             g = np.asarray(g)
-            np.testing.assert_allclose(np.asarray(grads[k]), g, rtol=0, atol=1e-5 * np.abs(g).max() + 1e-9,
+            # 5e-5 of the largest entry: float32 sums in another order (the unoptimised XLA:CPU the
+            # suite compiles with gave 1.3e-5 on the two layer weights); a wrong gradient is off by O(1)
+            np.testing.assert_allclose(np.asarray(grads[k]), g, rtol=0, atol=5e-5 * np.abs(g).max() + 1e-9,
                                        err_msg=f"{key} {k}")
     # the compiled answer-only step never makes logits over the packed sequence
     total = PREFIX + INS + TGT + _audio_tokens(cfg, FRAMES)
