@@ -60,7 +60,7 @@ def test_apply_slice_other_global_batch_and_errors():
     ("weighted", "weighted", "weighted", (-1, 1, 1), 1),
     ("wlm,v5e-16", "wlm", "last", (1, 16, 1), 2),
     ("v5e-16", "wlm", "last", (1, 16, 1), 2),
-    (" v5p-32 , weighted ", "weighted", "weighted", (16, 1, 1), 3),
+    (" v5p-32 , weighted ", "weighted", "weighted", (16, 1, 1), 1),
 ])
 def test_paper_stage_config_arg(arg, layout, combination, mesh, accum):
     config = config_common.paper_stage_config("stage2_warmup", arg)
