@@ -19,7 +19,8 @@ Two automata:
   * `label_constraint`: the output is exactly one label, then EOS (classification tasks).
   * `slot_constraint`: `none`, or `label = value; label = value;` with labels from the set and
     values free (SF): label trie -> separator tokens -> value (>= 1 non-space token, no EOS) until
-    a token ending in ';' -> another label or EOS.
+    a token ending in ';' -> another label or EOS. A token may hold the whole value and its ';'
+    (`\u2581peter;`: BPE vocabularies merge them).
 
 Limits (sentencepiece): only the canonical tokenization of each label (`encode(label)`) is
 allowed, not every segmentation of the same string; labels are tokenized on their own, which
@@ -42,6 +43,7 @@ from speechverse_jax.data import tasks
 from speechverse_jax.data.tokenizer import TextEncoder
 
 DONE, START = 0, 1
+_SPACE_MARKS = "\u2581\u0120 "  # sentencepiece's and byte-level BPE's (GPT-2, Llama 3) word-start marks
 _NO_TOKEN = np.iinfo(np.int32).max  # edge padding: out of range, dropped by the scatter
 
 Encode = Callable[[str], Sequence[int]]
@@ -157,12 +159,15 @@ def slot_constraint(slot_labels: Sequence[str], encode: Encode, pieces: Sequence
         a.add_edge(s, eos_id, -1)
         a.add_edge(s, pad_id, -1)
     for tok, piece in enumerate(pieces):
-        if piece and not piece.strip("\u2581 "):  # a bare space piece is not yet a value
+        if piece and not piece.strip(_SPACE_MARKS):  # a bare space piece is not yet a value
             a.add_edge(value_empty, tok, value_empty)
         if piece and ";" in piece:
             closes = piece.endswith(";") and piece.count(";") == 1
-            a.add_edge(value_empty, tok, -1)
             a.add_edge(value, tok, after_value if closes else -1)
+            # a piece that is a whole value and its ';' ('\u2581peter;', merged by BPE tokenizers such
+            # as the demo LM's) closes it at once; a bare ';' would leave the value empty
+            whole = closes and piece[:-1].strip(_SPACE_MARKS)
+            a.add_edge(value_empty, tok, after_value if whole else -1)
     for tok, nxt in a.edges[labels_root].items():
         a.add_edge(START, tok, nxt)
         a.add_edge(after_value, tok, nxt)
