@@ -29,6 +29,10 @@ SLOT_IDS = {"date": [10], "time": [11], "place_name": [12, 13, 14], "=": [15], "
 SLOTS = ["date", "time", "place_name"]
 
 
+def slot_ids(text):  # sentencepiece-like: a word spells the same alone and after a space
+    return SLOT_IDS[text.strip()]
+
+
 def label_of(ids):
     return next((name for name, v in LABEL_IDS.items() if v == ids), None)
 
@@ -132,13 +136,13 @@ SLOT_ANSWER = re.compile(r"^(none|(\w+ = [^;]+;\s*)+)$")
 @pytest.mark.parametrize("num_beams", [1, 4])
 def test_slot_constraint_keeps_the_format(num_beams, model, encoded):
     cfg = GenerateConfig(MAX_NEW, num_beams=num_beams)
-    c = C.slot_constraint(SLOTS, SLOT_IDS.__getitem__, PIECES, EOS, PAD)
+    c = C.slot_constraint(SLOTS, slot_ids, PIECES, EOS, PAD)
     out = run(model, encoded, cfg, c)
     texts = [slot_text(s[:-1] if s[-1] == EOS else s) for s in out]
     free = [slot_text(s[:-1]) for s in run(model, encoded, cfg)]
     assert not all(SLOT_ANSWER.match(t) for t in free)
     for s, text in zip(out, texts):
-        assert walk(C.slot_constraint(SLOTS, SLOT_IDS.__getitem__, PIECES, EOS, PAD), s) >= 0
+        assert walk(C.slot_constraint(SLOTS, slot_ids, PIECES, EOS, PAD), s) >= 0
         if s[-1] == EOS:  # a finished answer has the full format; others were cut by the cap
             assert SLOT_ANSWER.match(text), text
             pairs = tasks.parse_slots(text)
@@ -150,7 +154,7 @@ def test_slot_constraint_keeps_the_format(num_beams, model, encoded):
 
 
 def test_slot_automaton_transitions():
-    c = C.slot_constraint(SLOTS, SLOT_IDS.__getitem__, PIECES, EOS, PAD)
+    c = C.slot_constraint(SLOTS, slot_ids, PIECES, EOS, PAD)
     ok = [[20, EOS], [10, 15, 30, 16, EOS], [12, 13, 14, 15, 30, 31, 17, 11, 15, 40, 16, EOS]]
     bad = [[10, EOS], [10, 15, 16], [10, 15, 30, EOS], [10, 15, 30, 18], [30], [10, 15, 30, 16, 20],
            [12, 14], [20, 16]]
@@ -162,18 +166,39 @@ def test_slot_automaton_transitions():
     assert walk(c, [10, 15, 18]) == -1 and walk(c, [10, 15, 19]) == -1  # ';' elsewhere in a piece
 
 
-def test_slot_constraint_accepts_every_demo_lm_target():
-    """The demo LM's BPE tokenizer merges a value with its ';' (`\u2581daniel;`). The automaton used to
-    ban such a piece right after `=`, so constrained SF on the decoder layout wandered off
-    (`person = Intent: peter; ...`, SLU-F1 76 free vs 34 constrained)."""
+def _byte_level_bpe(texts):
+    """A Llama-3 / Qwen-style tokenizer: byte-level BPE, `\u0120` marks a space, punctuation apart."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(list(texts), trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<eos>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+
+
+@pytest.mark.parametrize("kind", ["demo_lm", "byte_level"])
+def test_slot_constraint_accepts_every_sf_target(kind):
+    """Every SF target of the demo corpus, tokenized as the decoder layout tokenizes answers, walks
+    the automaton to DONE.
+    - demo_lm: its BPE merges a value with its ';' (`\u2581daniel;`). Such a piece used to be banned
+      right after `=`, so constrained SF on the decoder layout wandered off (`person = Intent: peter;
+      ...`; SLU-F1 76 free vs 34 constrained).
+    - byte_level: a label alone is `da te` but `\u0120date` after `; `, and `=` is `\u0120=` in a
+      target; the automaton used to allow only the spellings alone."""
     transformers = pytest.importorskip("transformers")
     from speechverse_jax.demo import corpus, shipped
 
-    tok = transformers.AutoTokenizer.from_pretrained(os.path.join(shipped.PRETRAINED_DIR, "lm"))
+    targets = sorted({tasks.format_slots(s.slots) for s in corpus.command_sentences()})
+    if kind == "demo_lm":
+        tok = transformers.AutoTokenizer.from_pretrained(os.path.join(shipped.PRETRAINED_DIR, "lm"))
+    else:
+        tok = _byte_level_bpe(targets * 3)
     encode, pieces = C.tokenizer_fns(tok)
     c = C.constraint_for_task("sf", tok)
-    targets = sorted({tasks.format_slots(s.slots) for s in corpus.command_sentences()})
-    assert any(pieces[i].endswith(";") and len(pieces[i]) > 2 for t in targets for i in encode(t))  # the premise
     default, edge_tokens, edge_next = (np.asarray(a) for a in c)
 
     def walk_host(ids):  # next(s, v) as the module docstring defines it, in numpy
@@ -185,9 +210,15 @@ def test_slot_constraint_accepts_every_demo_lm_target():
                 return -1
         return state
 
-    assert walk_host(encode("person = peter;")) >= 0 and walk_host(encode("person = ;")) == -1
-    for text in targets:
-        assert walk_host(list(encode(text)) + [tok.eos_token_id]) == C.DONE, text
+    # the premise: what the old automaton did not allow is in these targets
+    if kind == "demo_lm":
+        assert any(pieces[i].endswith(";") and len(pieces[i]) > 2 for t in targets for i in encode(t))
+    else:
+        assert encode("date") != encode(" date") and encode("=") != encode(" =")
+    assert walk_host(encode("date = friday;")) >= 0 and walk_host(encode("date = ;")) == -1
+    assert walk_host(encode("weekday = friday;")) == -1
+    for text in targets + ["none"]:
+        assert walk_host(list(encode(text)) + [tok.eos_token_id]) == C.DONE, (text, [pieces[i] for i in encode(text)])
 
 
 @pytest.fixture(scope="module")

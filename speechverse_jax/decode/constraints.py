@@ -22,10 +22,10 @@ Two automata:
     a token ending in ';' -> another label or EOS. A token may hold the whole value and its ';'
     (`\u2581peter;`: BPE vocabularies merge them).
 
-Limits (sentencepiece): only the canonical tokenization of each label (`encode(label)`) is
-allowed, not every segmentation of the same string; labels are tokenized on their own, which
-matches their tokenization inside a target because sentencepiece pieces never cross a space and
-targets always put a space before a label; a value cannot contain ';', and a value token whose
+Limits: only the canonical tokenization of each label is allowed, not every segmentation of the
+same string. Class labels are tokenized on their own, as targets are. Slot labels and the '='
+are tokenized on their own and after a space (`_spellings`: byte-level BPE spells the two
+differently, and a target holds both); a value cannot contain ';', and a value token whose
 piece holds ';' anywhere but at its end is banned; values are not length-limited except by
 `max_new_tokens` (an unterminated last value is cut there).
 """
@@ -138,6 +138,17 @@ def label_constraint(labels: Sequence[str], encode: Encode, eos_id: int) -> Cons
     return a.freeze()
 
 
+def _spellings(text: str, encode: Encode) -> List[List[int]]:
+    """The token ids of `text` where a target holds it: alone (at the answer's start) and after a
+    space (`; date = ...`). Sentencepiece spells both alike (`\u2581date`); byte-level BPE does not
+    (`da te` alone, `\u0120date` after a space), and a target holds both."""
+    out: List[List[int]] = []
+    for ids in _encode_all([text], encode) + [[int(i) for i in encode(" " + text)]]:
+        if ids and ids not in out:
+            out.append(ids)
+    return out
+
+
 def slot_constraint(slot_labels: Sequence[str], encode: Encode, pieces: Sequence[Optional[str]], eos_id: int,
                     pad_id: int, none_text: str = "none", separator: str = "=") -> Constraint:
     """`none`, or `label = value; ...` with labels from `slot_labels` and free values (SF format).
@@ -152,9 +163,12 @@ def slot_constraint(slot_labels: Sequence[str], encode: Encode, pieces: Sequence
     a.default[value] = value
     value_empty = a.new_state(default=value)  # right after the separator: the value needs a token
     after_value = a.new_state()
-    sep = _encode_all([separator], encode)[0]
-    for ids in _encode_all(slot_labels, encode):
-        a.add_path(a.add_path(labels_root, ids), sep, end=value_empty)
+    seps = _spellings(separator, encode)
+    for label in slot_labels:
+        for ids in _spellings(label, encode):
+            end = a.add_path(labels_root, ids)
+            for sep in seps:
+                a.add_path(end, sep, end=value_empty)
     for s in (value_empty, value):
         a.add_edge(s, eos_id, -1)
         a.add_edge(s, pad_id, -1)
