@@ -70,11 +70,15 @@ def run(model, encoded, cfg, constraint=None):
     return [list(map(int, r[:n])) for r, n in zip(np.asarray(out.tokens), np.asarray(out.lengths))]
 
 
-def walk(c, ids, vocab=VOCAB):
-    """Host walk through the automaton: the final state, or -1 when a token is not allowed."""
+def walk(c, ids):
+    """Host walk through the automaton (next(s, v) as the module docstring defines it, in numpy;
+    the jitted `next_states` is checked against it in test_label_trie_accepts_exactly_the_labels):
+    the final state, or -1 when a token is not allowed."""
+    default, edge_tokens, edge_next = (np.asarray(a) for a in c)
     state = C.START
     for tok in ids:
-        state = int(np.asarray(C.next_states(c, jnp.array([state]), vocab))[0, tok])
+        hit = np.flatnonzero(edge_tokens[state] == tok)
+        state = int(edge_next[state, hit[0]] if hit.size else default[state])
         if state < 0:
             return -1
     return state
@@ -84,6 +88,7 @@ def test_label_trie_accepts_exactly_the_labels():
     c = C.label_constraint(list(LABEL_IDS), LABEL_IDS.__getitem__, EOS)
     start = np.asarray(C.next_states(c, jnp.array([C.START]), VOCAB))[0]
     assert set(np.flatnonzero(start >= 0)) == {10, 14, 16}
+    assert [walk(c, [v]) for v in range(VOCAB)] == start.tolist()  # the host walk is next_states
     for ids in LABEL_IDS.values():
         assert walk(c, ids + [EOS]) == C.DONE
         assert walk(c, ids + [EOS, EOS]) == -1  # nothing after EOS
@@ -199,26 +204,16 @@ def test_slot_constraint_accepts_every_sf_target(kind):
         tok = _byte_level_bpe(targets * 3)
     encode, pieces = C.tokenizer_fns(tok)
     c = C.constraint_for_task("sf", tok)
-    default, edge_tokens, edge_next = (np.asarray(a) for a in c)
-
-    def walk_host(ids):  # next(s, v) as the module docstring defines it, in numpy
-        state = C.START
-        for t in ids:
-            hit = np.flatnonzero(edge_tokens[state] == t)
-            state = int(edge_next[state, hit[0]] if hit.size else default[state])
-            if state < 0:
-                return -1
-        return state
 
     # the premise: what the old automaton did not allow is in these targets
     if kind == "demo_lm":
         assert any(pieces[i].endswith(";") and len(pieces[i]) > 2 for t in targets for i in encode(t))
     else:
         assert encode("date") != encode(" date") and encode("=") != encode(" =")
-    assert walk_host(encode("date = friday;")) >= 0 and walk_host(encode("date = ;")) == -1
-    assert walk_host(encode("weekday = friday;")) == -1
+    assert walk(c, encode("date = friday;")) >= 0 and walk(c, encode("date = ;")) == -1
+    assert walk(c, encode("weekday = friday;")) == -1
     for text in targets + ["none"]:
-        assert walk_host(list(encode(text)) + [tok.eos_token_id]) == C.DONE, (text, [pieces[i] for i in encode(text)])
+        assert walk(c, list(encode(text)) + [tok.eos_token_id]) == C.DONE, (text, [pieces[i] for i in encode(text)])
 
 
 @pytest.fixture(scope="module")
